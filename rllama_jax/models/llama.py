@@ -1,0 +1,298 @@
+"""A Llama decoder as pure functions of an explicit parameter pytree.
+
+Parameter tree (layers stacked on a leading axis ``L`` so the decoder is one ``lax.scan``,
+which keeps compile time flat in depth)::
+
+    {"embed": [V, D],
+     "layers": {"attn_norm": [L, D], "wq": [L, D, H*hd], "wk": [L, D, K*hd],
+                "wv": [L, D, K*hd], "wo": [L, H*hd, D], "mlp_norm": [L, D],
+                "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D]},
+     "final_norm": [D],
+     "lm_head": [D, V]}          # absent when the embedding is tied
+
+Matmul weights are stored ``[in, out]`` (a Hugging Face ``nn.Linear`` weight transposed).
+RoPE is the half-split ("rotate_half") form used by Hugging Face checkpoints. Padding is on
+the left; every call takes explicit positions and a token mask, so a padded row computes
+exactly what the unpadded row would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rllama_jax.models.config import LlamaConfig, as_dtype
+
+Params = dict[str, Any]
+
+# Large negative logit for masked attention scores: finite, so a query whose keys are all
+# masked (a left-padding slot) gets a uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+@struct.dataclass
+class KVCache:
+    """Pre-allocated key/value cache, filled left to right.
+
+    k, v: [L, B, S, K, hd] rotated keys and values (compute dtype).
+    mask: [B, S] bool, True where a slot holds a real (non-padding) token.
+    index: [] int32, the next slot to write; shared by all rows (rows are left-aligned by
+        padding, so they advance together).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+class ModelOutput(NamedTuple):
+    """logits: [B, T, V] float32 (None when not requested); hidden: [B, T, D] final-normed
+    hidden states (compute dtype); cache: the updated cache (None without one)."""
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    cache: KVCache | None
+
+
+def init_cache(config: LlamaConfig, batch: int, size: int, dtype: Any = None) -> KVCache:
+    """An empty cache of ``size`` slots for ``batch`` rows."""
+    dtype = as_dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch, size), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions ``[B, T]`` of a left-padded mask ``[B, T]``: 0, 1, ... over real tokens
+    (padding slots get 0), plus ``offset`` ([] or [B]) for tokens that follow a cache."""
+    mask = mask.astype(jnp.int32)
+    pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    return pos + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
+
+
+# ---------------------------------------------------------------------------- building blocks
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies ``[hd // 2]`` with the config's scaling applied (float64 numpy)."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    elif config.rope_type == "llama3":
+        factor = config.rope_factor
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_len = config.rope_original_max_position
+        low_freq_wavelen = old_len / low
+        high_freq_wavelen = old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[B, T, hd]`` (float32) for integer positions ``[B, T]``."""
+    inv_freq = jnp.asarray(rope_frequencies(config), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x [B, T, heads, hd]`` by the half-split RoPE; math in float32."""
+    half = x.shape[-1] // 2
+    xf = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype: Any) -> jax.Array:
+    """RMSNorm in float32, returned in ``dtype``."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * xf).astype(dtype)
+
+
+def _dense(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype: Any
+) -> jax.Array:
+    """Grouped-query attention.
+
+    q: [B, T, H, hd]; k, v: [B, S, K, hd] with H a multiple of K; allowed: [B, T, S] bool.
+    Returns [B, T, H, hd]. Scores and softmax are float32.
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+# ---------------------------------------------------------------------------- the model
+def embed(params: Params, tokens: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Token embeddings ``[B, T, D]`` in the compute dtype."""
+    return jnp.take(params["embed"], tokens, axis=0).astype(as_dtype(config.dtype))
+
+
+def lm_head(params: Params, hidden: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Float32 logits ``[..., V]`` from final hidden states ``[..., D]``."""
+    dtype = as_dtype(config.dtype)
+    w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum(
+        "...d,dv->...v", hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def forward(
+    params: Params,
+    config: LlamaConfig,
+    tokens: jax.Array | None,
+    positions: jax.Array,
+    mask: jax.Array,
+    cache: KVCache | None = None,
+    *,
+    embeds: jax.Array | None = None,
+    compute_logits: bool = True,
+    block_mask: jax.Array | None = None,
+) -> ModelOutput:
+    """Runs the decoder over ``T`` new tokens.
+
+    tokens: [B, T] int ids (or None when ``embeds`` [B, T, D] is given, e.g. soft prompts).
+    positions: [B, T] int RoPE positions (see ``positions_from_mask``).
+    mask: [B, T] bool/int, 1 for real tokens, 0 for padding.
+    cache: if given, the new keys/values are written at slots ``[index, index + T)`` and the
+        tokens attend to every valid earlier slot; ``index`` advances by ``T``.
+    block_mask: [B, T, T] bool, which new tokens may attend to which new tokens (default:
+        causal). Lets several independent continuations of one cached prompt share a call,
+        e.g. candidate actions that must not see each other.
+    Returns logits [B, T, V] (float32; skipped with ``compute_logits=False``), the final
+    hidden states [B, T, D] and the updated cache.
+    """
+    dtype = as_dtype(config.dtype)
+    h = embed(params, tokens, config) if embeds is None else embeds.astype(dtype)
+    b, t, _ = h.shape
+    mask = mask.astype(bool)
+    cos, sin = rope_cos_sin(config, positions)
+    nh, nk, hd = config.num_heads, config.num_kv_heads, config.head_dim
+
+    within = jnp.tril(jnp.ones((1, t, t), bool)) if block_mask is None else block_mask
+    within = within & mask[:, None, :]
+    if cache is None:
+        allowed = within
+        kv_mask, index = None, None
+    else:
+        index = cache.index
+        kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, index))
+        earlier = (jnp.arange(cache.size) < index)[None, None, :] & cache.mask[:, None, :]
+        # Slots [index, index + T) follow the block mask; later slots are still empty.
+        padded = jnp.zeros((within.shape[0], t, cache.size), bool)
+        allowed = earlier | jax.lax.dynamic_update_slice(padded, within, (0, 0, index))
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        p, li = xs
+        y = rms_norm(x, p["attn_norm"], config.rms_norm_eps, dtype)
+        q = apply_rope(_dense(y, p["wq"], dtype).reshape(b, t, nh, hd), cos, sin)
+        k = apply_rope(_dense(y, p["wk"], dtype).reshape(b, t, nk, hd), cos, sin)
+        v = _dense(y, p["wv"], dtype).reshape(b, t, nk, hd)
+        if k_all is not None:
+            k_all = jax.lax.dynamic_update_slice(
+                k_all, k[None].astype(k_all.dtype), (li, 0, index, 0, 0)
+            )
+            v_all = jax.lax.dynamic_update_slice(
+                v_all, v[None].astype(v_all.dtype), (li, 0, index, 0, 0)
+            )
+            k = jax.lax.dynamic_index_in_dim(k_all, li, 0, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, li, 0, keepdims=False).astype(dtype)
+        attn = attention(q, k, v, allowed, dtype).reshape(b, t, nh * hd)
+        x = x + _dense(attn, p["wo"], dtype)
+        y = rms_norm(x, p["mlp_norm"], config.rms_norm_eps, dtype)
+        gated = jax.nn.silu(_dense(y, p["w_gate"], dtype)) * _dense(y, p["w_up"], dtype)
+        x = x + _dense(gated, p["w_down"], dtype)
+        return (x, k_all, v_all), None
+
+    k_all = None if cache is None else cache.k
+    v_all = None if cache is None else cache.v
+    layer_ids = jnp.arange(config.num_layers)
+    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params["layers"], layer_ids))
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps, dtype)
+    logits = lm_head(params, h, config) if compute_logits else None
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=k_all, v=v_all, mask=kv_mask, index=index + t)
+    return ModelOutput(logits=logits, hidden=h, cache=new_cache)
+
+
+# ---------------------------------------------------------------------------- parameters
+def param_shapes(config: LlamaConfig) -> Params:
+    """The shape of every parameter (a tree of tuples mirroring the parameter tree)."""
+    d, f, hd, n_layers = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim,
+        config.num_layers,
+    )
+    shapes: Params = {
+        "embed": (config.vocab_size, d),
+        "layers": {
+            "attn_norm": (n_layers, d),
+            "wq": (n_layers, d, config.num_heads * hd),
+            "wk": (n_layers, d, config.num_kv_heads * hd),
+            "wv": (n_layers, d, config.num_kv_heads * hd),
+            "wo": (n_layers, config.num_heads * hd, d),
+            "mlp_norm": (n_layers, d),
+            "w_gate": (n_layers, d, f),
+            "w_up": (n_layers, d, f),
+            "w_down": (n_layers, f, d),
+        },
+        "final_norm": (d,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (d, config.vocab_size)
+    return shapes
+
+
+def init_params(config: LlamaConfig, key: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) matrices, unit norms) in ``config.param_dtype``."""
+    dtype = as_dtype(config.param_dtype)
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(
+            shapes, is_leaf=lambda s: isinstance(s, tuple)
+        )[0]
+    ]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys, strict=True):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)

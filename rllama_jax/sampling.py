@@ -1,0 +1,363 @@
+"""Batched, jitted acting: text generation with log-probs, candidate-action scoring, and a
+shared-prefix KV cache.
+
+Every function here is one compiled call for all environments at once. Sampling settings are
+static (a hashable ``SamplingConfig``): they are fixed for a run, and being static lets the
+compiler drop the sort that top-p / top-k need when they are off.
+
+Shapes: ``B`` rows (environments), ``L`` prompt tokens (left-padded), ``N`` new tokens,
+``A`` candidate actions of at most ``C`` tokens (right-padded), ``P`` shared-prefix tokens,
+``D`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rllama_jax.models import KVCache, LlamaConfig, Params, forward, init_cache, lm_head
+from rllama_jax.models.llama import positions_from_mask
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. ``temperature == 0`` is greedy; ``top_k == 0`` and
+    ``top_p == 1`` switch those filters off. Defaults are LlamaGym's (32 new tokens,
+    top-p 0.6, temperature 0.9)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.9
+    top_p: float = 0.6
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Log-probabilities ``[..., V]`` of the distribution tokens are actually drawn from:
+    logits / temperature, then top-k, then top-p (nucleus) filtering, renormalised.
+
+    The same function turns a training forward pass's logits into the log-probs the losses
+    use, so acting and learning agree on the policy. Greedy (temperature 0) is treated as
+    temperature 1 here: it is the limit policy, and its log-probs are those of the model.
+    """
+    logits = logits.astype(jnp.float32)
+    if not sampling.greedy:
+        logits = logits / sampling.temperature
+    if sampling.top_k > 0 or sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        cutoff = jnp.full(logits.shape[:-1] + (1,), _NEG_INF, jnp.float32)
+        if sampling.top_k > 0:
+            k = min(sampling.top_k, logits.shape[-1])
+            cutoff = jnp.maximum(cutoff, sorted_logits[..., k - 1 : k])
+        if sampling.top_p < 1.0:
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            # Keep the smallest set of top tokens whose mass reaches top_p: a token is kept
+            # when the mass strictly before it is below top_p (the top token always is).
+            before = jnp.cumsum(probs, axis=-1) - probs
+            kept = before < sampling.top_p
+            last_kept = jnp.sum(kept, axis=-1, keepdims=True) - 1
+            cutoff = jnp.maximum(cutoff, jnp.take_along_axis(sorted_logits, last_kept, axis=-1))
+        logits = jnp.where(logits >= cutoff, logits, _NEG_INF)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def token_logprobs(
+    logits: jax.Array, targets: jax.Array, sampling: SamplingConfig | None = None
+) -> jax.Array:
+    """Log-prob ``[...]`` of ``targets [...]`` under ``logits [..., V]`` (processed by
+    ``sampling`` when given, else the plain softmax)."""
+    logp = (
+        jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        if sampling is None
+        else process_logits(logits, sampling)
+    )
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+# ---------------------------------------------------------------------------- shared prefix
+@struct.dataclass
+class PrefixCache:
+    """Keys/values of a prompt prefix shared by every row (e.g. the system prompt).
+
+    k, v: [L_layers, 1, P, K, hd]. Rows that start from it put their own tokens at
+    positions P, P + 1, ...
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def build_prefix(params: Params, config: LlamaConfig, prefix_tokens: jax.Array) -> PrefixCache:
+    """Runs the shared prefix ``[P]`` once; recompute after each parameter update."""
+    p = prefix_tokens.shape[0]
+    cache = init_cache(config, 1, p)
+    mask = jnp.ones((1, p), bool)
+    out = forward(
+        params,
+        config,
+        prefix_tokens[None],
+        positions_from_mask(mask),
+        mask,
+        cache,
+        compute_logits=False,
+    )
+    return PrefixCache(k=out.cache.k, v=out.cache.v)
+
+
+def _start_cache(
+    config: LlamaConfig, batch: int, size: int, prefix: PrefixCache | None
+) -> tuple[KVCache, int]:
+    """An empty cache of ``size`` slots after the prefix, with the prefix filled in."""
+    if prefix is None:
+        return init_cache(config, batch, size), 0
+    p = prefix.length
+    cache = init_cache(config, batch, p + size)
+
+    def fill(buf: jax.Array, pre: jax.Array) -> jax.Array:
+        pre = jnp.broadcast_to(pre, pre.shape[:1] + (batch,) + pre.shape[2:]).astype(buf.dtype)
+        return jax.lax.dynamic_update_slice(buf, pre, (0, 0, 0, 0, 0))
+
+    k, v = fill(cache.k, prefix.k), fill(cache.v, prefix.v)
+    mask = cache.mask.at[:, :p].set(True)
+    return KVCache(k=k, v=v, mask=mask, index=jnp.asarray(p, jnp.int32)), p
+
+
+def prefill(
+    params: Params,
+    config: LlamaConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    extra_slots: int,
+    prefix: PrefixCache | None = None,
+) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    """Runs the prompt into a fresh cache with ``extra_slots`` free slots after it.
+
+    Returns (last_hidden [B, D], last_logits [B, V] float32, cache, next_positions [B]).
+    Only the last position's logits are computed (a full [B, L, V] would dominate on small
+    models with large vocabularies).
+    """
+    b, length = prompt_tokens.shape
+    cache, p = _start_cache(config, b, length + extra_slots, prefix)
+    mask = prompt_mask.astype(bool)
+    positions = positions_from_mask(mask, p)
+    out = forward(params, config, prompt_tokens, positions, mask, cache, compute_logits=False)
+    last_hidden = out.hidden[:, -1]
+    last_logits = lm_head(params, last_hidden, config)
+    next_pos = p + jnp.sum(mask, axis=-1).astype(jnp.int32)
+    return last_hidden, last_logits, out.cache, next_pos
+
+
+# ---------------------------------------------------------------------------- generation
+class Generation(NamedTuple):
+    """tokens: [B, N] new token ids (pad after a row stops); logprobs: [B, N] log-prob of each
+    under the sampling distribution; mask: [B, N] True for tokens that belong to the reply
+    (up to and including the stop token); lengths: [B]; last_hidden: [B, D] hidden state at
+    the last prompt token; steps: [] decode steps actually run."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    last_hidden: jax.Array
+    steps: jax.Array
+
+
+def _sample(key: jax.Array, logits: jax.Array, sampling: SamplingConfig):
+    logp = process_logits(logits, sampling)
+    if sampling.greedy:
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        token = jax.random.categorical(key, logp, axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"))
+def generate(
+    params: Params,
+    config: LlamaConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    sampling: SamplingConfig,
+    prefix: PrefixCache | None = None,
+) -> Generation:
+    """Samples up to ``sampling.max_new_tokens`` tokens for a left-padded batch.
+
+    prompt_tokens, prompt_mask: [B, L]; key: a PRNG key. Prefill, then a ``lax.while_loop``
+    over a cache allocated once inside the compiled call (so XLA updates it in place), which
+    exits as soon as every row has emitted a stop token.
+    """
+    n = sampling.max_new_tokens
+    b = prompt_tokens.shape[0]
+    last_hidden, logits, cache, pos = prefill(params, config, prompt_tokens, prompt_mask, n, prefix)
+    stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, *_ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, logits, done, key, tokens, logprobs, mask = carry
+        key, sub = jax.random.split(key)
+        token, logp = _sample(sub, logits, sampling)
+        token = jnp.where(done, sampling.pad_token_id, token)
+        tokens = tokens.at[:, i].set(token)
+        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
+        mask = mask.at[:, i].set(~done)
+        done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        out = forward(
+            params,
+            config,
+            token[:, None],
+            (pos + i)[:, None],
+            jnp.ones((b, 1), bool),
+            cache,
+            compute_logits=False,
+        )
+        logits = lm_head(params, out.hidden[:, -1], config)
+        return i + 1, out.cache, logits, done, key, tokens, logprobs, mask
+
+    init = (
+        jnp.asarray(0, jnp.int32),
+        cache,
+        logits,
+        jnp.zeros((b,), bool),
+        key,
+        jnp.full((b, n), sampling.pad_token_id, jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b, n), bool),
+    )
+    steps, _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
+    return Generation(
+        tokens=tokens,
+        logprobs=logprobs,
+        mask=mask,
+        lengths=jnp.sum(mask, axis=-1),
+        last_hidden=last_hidden,
+        steps=steps,
+    )
+
+
+def sequence_logprobs(
+    params: Params,
+    config: LlamaConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    response_tokens: jax.Array,
+    response_mask: jax.Array,
+    sampling: SamplingConfig | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Recomputes response log-probs with one full forward pass (what a loss differentiates).
+
+    prompt_*: [B, L] left-padded; response_*: [B, N]. Returns (logprobs [B, N] under the
+    ``sampling`` distribution, zero where ``response_mask`` is False; last prompt hidden
+    state [B, D]).
+    """
+    tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
+    mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
+    out = forward(params, config, tokens, positions_from_mask(mask), mask, compute_logits=False)
+    length = prompt_tokens.shape[1]
+    # Hidden state at position t predicts token t + 1.
+    hidden = out.hidden[:, length - 1 : -1]
+    logp = token_logprobs(lm_head(params, hidden, config), response_tokens, sampling)
+    return jnp.where(response_mask, logp, 0.0), out.hidden[:, length - 1]
+
+
+# ---------------------------------------------------------------------------- scoring
+class Scores(NamedTuple):
+    """logp_sum, logp_mean: [B, A] log-likelihood of each candidate (sum and per-token mean
+    over its tokens); token_logp: [B, A, C]; prompt_hidden: [B, D] at the last prompt token;
+    candidate_hidden: [B, A, D] at each candidate's last token."""
+
+    logp_sum: jax.Array
+    logp_mean: jax.Array
+    token_logp: jax.Array
+    prompt_hidden: jax.Array
+    candidate_hidden: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def score_candidates(
+    params: Params,
+    config: LlamaConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    candidate_tokens: jax.Array,
+    candidate_mask: jax.Array,
+    prefix: PrefixCache | None = None,
+) -> Scores:
+    """Log-likelihood of each candidate action string given its row's prompt.
+
+    The prompt is run once into the cache; all A candidates of a row then go through ONE
+    forward call as a single block of A*C tokens whose attention mask lets each candidate
+    see the prompt and its own earlier tokens only, so the prompt is never re-run A times
+    and its cache never copied. Candidates are right-padded: candidate_mask [B, A, C].
+    """
+    b, a, c = candidate_tokens.shape
+    cmask = candidate_mask.astype(bool)
+    prompt_hidden, first_logits, cache, pos = prefill(
+        params, config, prompt_tokens, prompt_mask, a * c, prefix
+    )
+    flat_tokens = candidate_tokens.reshape(b, a * c)
+    flat_mask = cmask.reshape(b, a * c)
+    positions = (pos[:, None, None] + jnp.arange(c)[None, None, :]).reshape(b, a * c)
+    # block[(a1, c1), (a2, c2)] = (a1 == a2) & (c1 >= c2)
+    same = jnp.arange(a)[:, None, None, None] == jnp.arange(a)[None, None, :, None]
+    causal = jnp.arange(c)[None, :, None, None] >= jnp.arange(c)[None, None, None, :]
+    block = jnp.broadcast_to((same & causal).reshape(a * c, a * c), (b, a * c, a * c))
+    out = forward(
+        params,
+        config,
+        flat_tokens,
+        positions,
+        flat_mask,
+        cache,
+        compute_logits=False,
+        block_mask=block,
+    )
+    hidden = out.hidden.reshape(b, a, c, -1)
+    # Token j of a candidate is predicted by the prompt's last state (j = 0) or by the
+    # candidate's token j - 1.
+    later_logits = lm_head(params, hidden[:, :, :-1], config)  # [B, A, C-1, V]
+    first = token_logprobs(
+        jnp.broadcast_to(first_logits[:, None], (b, a, first_logits.shape[-1])),
+        candidate_tokens[:, :, 0],
+    )
+    rest = token_logprobs(later_logits, candidate_tokens[:, :, 1:])
+    token_logp = jnp.where(cmask, jnp.concatenate([first[..., None], rest], axis=-1), 0.0)
+    count = jnp.maximum(jnp.sum(cmask, axis=-1), 1)
+    last = jnp.maximum(jnp.sum(cmask, axis=-1) - 1, 0)
+    cand_hidden = jnp.take_along_axis(hidden, last[:, :, None, None], axis=2)[:, :, 0]
+    logp_sum = jnp.sum(token_logp, axis=-1)
+    return Scores(
+        logp_sum=logp_sum,
+        logp_mean=logp_sum / count,
+        token_logp=token_logp,
+        prompt_hidden=prompt_hidden,
+        candidate_hidden=cand_hidden,
+    )
+
+
+def bucket_length(length: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= length (raises when the prompt exceeds the largest one)."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"prompt of {length} tokens exceeds the largest length bucket {buckets[-1]}")

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random Llama checkpoints written with transformers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def build_tiny_torch_llama(seed: int = 0, **overrides):
+    """A random transformers ``LlamaForCausalLM`` (float32, eval mode) with TINY's shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = {**TINY, **overrides}
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).float().eval()
+    # Default init leaves norms at 1; random norms catch a swapped or missing norm weight.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: ``path, torch_model = tiny_checkpoint(**config_overrides)``."""
+
+    def make(seed: int = 0, subdir: str = "tiny", **overrides):
+        model = build_tiny_torch_llama(seed, **overrides)
+        path = tmp_path / subdir
+        model.save_pretrained(path)
+        return str(path), model
+
+    return make
+
+
+def left_padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int]):
+    """Random token rows right-aligned in a [B, max(lengths)] array, with their mask."""
+    width = max(lengths)
+    tokens = np.zeros((len(lengths), width), np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, width - n :] = rng.integers(3, vocab, n)
+        mask[i, width - n :] = 1
+    return tokens, mask
