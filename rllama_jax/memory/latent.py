@@ -1,0 +1,126 @@
+"""Latent memory: a small trainable adapter turning memory into soft-prompt embeddings.
+
+Instead of spelling memory out as text, the retrieved episodic keys [B, k, D] and the working
+memory summary [B, D] are mapped to ``M`` vectors [B, M, H] that are prepended to (or spliced
+into) the LLM's input embeddings. The adapter:
+
+1. projects keys to values and keys of width ``A`` and pools them per soft-prompt slot by
+   attention with a learned per-slot query (invalid entries get exactly zero weight);
+2. adds a projection of the working-memory summary and a learned per-slot embedding;
+3. applies a 2-layer GELU MLP to ``H`` and rescales every output vector to RMS ``embed_scale``
+   (the RMS of the LLM's token embeddings), so soft prompts sit at the scale the LLM expects.
+
+Parameters are a plain dict of arrays (``init_adapter``) so they can live in the train state
+next to the LLM parameters and be updated by the same optimizer.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+AdapterParams = dict[str, jax.Array]
+
+
+@struct.dataclass
+class LatentConfig:
+    """Static configuration of the latent-memory adapter.
+
+    Attributes:
+      key_dim: ``D``, dimension of episodic keys and of the working summary.
+      hidden_size: ``H``, LLM embedding width.
+      num_slots: ``M``, soft-prompt vectors produced per row.
+      adapter_dim: ``A``, width of the adapter's attention and MLP hidden layer.
+    """
+
+    key_dim: int = struct.field(pytree_node=False)
+    hidden_size: int = struct.field(pytree_node=False)
+    num_slots: int = struct.field(pytree_node=False, default=4)
+    adapter_dim: int = struct.field(pytree_node=False, default=128)
+
+
+def _dense(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
+    return jax.random.normal(key, (fan_in, fan_out), jnp.float32) / jnp.sqrt(fan_in)
+
+
+def init_adapter(key: jax.Array, config: LatentConfig) -> AdapterParams:
+    """Random adapter parameters (LeCun-normal weights, zero biases).
+
+    Returns a dict: ``slot_query`` [M, A], ``slot_embed`` [M, A], ``w_key`` [D, A],
+    ``w_value`` [D, A], ``w_working`` [D, A], ``w1`` [A, A], ``b1`` [A], ``w2`` [A, H], ``b2`` [H].
+    """
+    d, h, m, a = config.key_dim, config.hidden_size, config.num_slots, config.adapter_dim
+    ks = jax.random.split(key, 7)
+    return {
+        "slot_query": jax.random.normal(ks[0], (m, a), jnp.float32),
+        "slot_embed": jax.random.normal(ks[1], (m, a), jnp.float32),
+        "w_key": _dense(ks[2], d, a),
+        "w_value": _dense(ks[3], d, a),
+        "w_working": _dense(ks[4], d, a),
+        "w1": _dense(ks[5], a, a),
+        "b1": jnp.zeros((a,), jnp.float32),
+        "w2": _dense(ks[6], a, h),
+        "b2": jnp.zeros((h,), jnp.float32),
+    }
+
+
+def apply_adapter(
+    params: AdapterParams,
+    retrieved_keys: jax.Array,
+    retrieved_valid: jax.Array,
+    wm_summary: jax.Array | None,
+    embed_scale: float | jax.Array = 1.0,
+    wm_valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Soft-prompt vectors from retrieved episodic keys and the working-memory summary.
+
+    Args:
+      params: adapter parameters from ``init_adapter``.
+      retrieved_keys: [B, k, D] keys of retrieved entries (``Retrieved.keys``).
+      retrieved_valid: [B, k] bool; invalid entries have no influence on the output.
+      wm_summary: [B, D] working-memory summary (``working.attention_read``), or None.
+      embed_scale: target RMS of each output vector (RMS of the LLM token embeddings).
+      wm_valid: [B] bool, whether the working summary carries information (e.g. the env has a
+        valid step); defaults to all true when ``wm_summary`` is given.
+
+    Returns:
+      soft_prompt: [B, M, H] float32, zeros on rows with nothing to remember.
+      soft_mask: [B, M] bool, true on rows with at least one valid entry or a valid summary.
+    """
+    b, k, d = retrieved_keys.shape
+    m, a = params["slot_query"].shape
+    chex.assert_shape(retrieved_valid, (b, k))
+    chex.assert_shape(params["w_key"], (d, a))
+    valid = retrieved_valid.astype(bool)
+    # Zero invalid keys first: even inf/NaN garbage there cannot leak through 0 * x.
+    keys = jnp.where(valid[..., None], retrieved_keys.astype(jnp.float32), 0.0)
+
+    att_keys = keys @ params["w_key"]  # [B, k, A]
+    values = keys @ params["w_value"]  # [B, k, A]
+    logits = jnp.einsum("ma,bka->bmk", params["slot_query"], att_keys) / jnp.sqrt(a)
+    mask = valid[:, None, :]
+    top = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    expd = jnp.where(mask, jnp.exp(jnp.where(mask, logits, top) - top), 0.0)
+    total = jnp.sum(expd, axis=-1, keepdims=True)
+    weights = expd / jnp.where(total > 0, total, 1.0)  # [B, M, k]
+    pooled = jnp.einsum("bmk,bka->bma", weights, values)
+
+    has_memory = jnp.any(valid, axis=-1)  # [B]
+    hidden = pooled + params["slot_embed"][None]
+    if wm_summary is not None:
+        chex.assert_shape(wm_summary, (b, d))
+        wm_ok = jnp.ones((b,), bool) if wm_valid is None else wm_valid.astype(bool)
+        chex.assert_shape(wm_ok, (b,))
+        summary = jnp.where(wm_ok[:, None], wm_summary.astype(jnp.float32), 0.0)
+        hidden = hidden + (summary @ params["w_working"])[:, None, :]
+        has_memory = has_memory | wm_ok
+
+    hidden = jax.nn.gelu(hidden @ params["w1"] + params["b1"])
+    out = hidden @ params["w2"] + params["b2"]  # [B, M, H]
+    rms = jnp.sqrt(jnp.mean(jnp.square(out), axis=-1, keepdims=True) + 1e-6)
+    out = out / rms * embed_scale
+    soft_mask = jnp.broadcast_to(has_memory[:, None], (b, m))
+    return jnp.where(soft_mask[..., None], out, 0.0), soft_mask
