@@ -190,6 +190,11 @@ def forward(
     block_mask: [B, T, T] bool, which new tokens may attend to which new tokens (default:
         causal). Lets several independent continuations of one cached prompt share a call,
         e.g. candidate actions that must not see each other.
+
+    ``params`` may carry low-rank adapters (see ``models.lora``): ``params["lora"] =
+    {target: {"a": [L, in, r], "b": [L, r, out]}}`` and a scalar ``params["lora_scale"]``;
+    each adds ``scale * (x @ a) @ b`` to that projection. They stay factored so that
+    differentiating only the adapters never forms a full-size weight gradient.
     Returns logits [B, T, V] (float32; skipped with ``compute_logits=False``), the final
     hidden states [B, T, D] and the updated cache.
     """
@@ -215,11 +220,19 @@ def forward(
 
     def layer(carry, xs):
         x, k_all, v_all = carry
-        p, li = xs
+        p, lp, li = xs
+
+        def proj(name: str, inp: jax.Array) -> jax.Array:
+            out = _dense(inp, p[name], dtype)
+            if name in lp:
+                low = _dense(inp, lp[name]["a"], dtype)
+                out = out + (lora_scale * _dense(low, lp[name]["b"], dtype)).astype(out.dtype)
+            return out
+
         y = rms_norm(x, p["attn_norm"], config.rms_norm_eps, dtype)
-        q = apply_rope(_dense(y, p["wq"], dtype).reshape(b, t, nh, hd), cos, sin)
-        k = apply_rope(_dense(y, p["wk"], dtype).reshape(b, t, nk, hd), cos, sin)
-        v = _dense(y, p["wv"], dtype).reshape(b, t, nk, hd)
+        q = apply_rope(proj("wq", y).reshape(b, t, nh, hd), cos, sin)
+        k = apply_rope(proj("wk", y).reshape(b, t, nk, hd), cos, sin)
+        v = proj("wv", y).reshape(b, t, nk, hd)
         if k_all is not None:
             k_all = jax.lax.dynamic_update_slice(
                 k_all, k[None].astype(k_all.dtype), (li, 0, index, 0, 0)
@@ -230,16 +243,19 @@ def forward(
             k = jax.lax.dynamic_index_in_dim(k_all, li, 0, keepdims=False).astype(dtype)
             v = jax.lax.dynamic_index_in_dim(v_all, li, 0, keepdims=False).astype(dtype)
         attn = attention(q, k, v, allowed, dtype).reshape(b, t, nh * hd)
-        x = x + _dense(attn, p["wo"], dtype)
+        x = x + proj("wo", attn)
         y = rms_norm(x, p["mlp_norm"], config.rms_norm_eps, dtype)
-        gated = jax.nn.silu(_dense(y, p["w_gate"], dtype)) * _dense(y, p["w_up"], dtype)
-        x = x + _dense(gated, p["w_down"], dtype)
+        gated = jax.nn.silu(proj("w_gate", y)) * proj("w_up", y)
+        x = x + proj("w_down", gated)
         return (x, k_all, v_all), None
 
     k_all = None if cache is None else cache.k
     v_all = None if cache is None else cache.v
     layer_ids = jnp.arange(config.num_layers)
-    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), (params["layers"], layer_ids))
+    lora = params.get("lora") or {}
+    lora_scale = params.get("lora_scale", 1.0)
+    xs = (params["layers"], lora, layer_ids)
+    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), xs)
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps, dtype)
     logits = lm_head(params, h, config) if compute_logits else None
     new_cache = None

@@ -1,0 +1,34 @@
+"""Training: the state pytree, rollout batch layouts, policy evaluation and the one jitted
+``train_step`` per algorithm."""
+
+from rllama_jax.train.batch import Batch, Observation, Transitions
+from rllama_jax.train.policy import evaluate_generate, evaluate_score
+from rllama_jax.train.replay import ReplayBuffer, init_replay
+from rllama_jax.train.state import (
+    ALGORITHMS,
+    TrainConfig,
+    TrainState,
+    init_train_state,
+    policy_params,
+    reference_params,
+)
+from rllama_jax.train.step import LossInputs, default_loss_fn, make_train_step
+
+__all__ = [
+    "ALGORITHMS",
+    "Batch",
+    "LossInputs",
+    "Observation",
+    "ReplayBuffer",
+    "TrainConfig",
+    "TrainState",
+    "Transitions",
+    "default_loss_fn",
+    "evaluate_generate",
+    "evaluate_score",
+    "init_replay",
+    "init_train_state",
+    "make_train_step",
+    "policy_params",
+    "reference_params",
+]

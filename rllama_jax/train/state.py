@@ -1,0 +1,249 @@
+"""Training configuration and the ``TrainState`` pytree.
+
+``TrainState`` holds everything a run changes: the trainable parameters (full model, LoRA
+adapters, or heads only), the optimizer state (of the trainable part only: frozen weights
+never enter it), the frozen base / reference weights, target copies for DQN/SAC, the replay
+buffer, the memory pytrees, an RNG key and counters. It is a plain pytree, so it is donated
+to the one jitted ``train_step`` and checkpointed as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rllama_jax.heads import init_head
+from rllama_jax.losses import (
+    A2CConfig,
+    DQNConfig,
+    GRPOConfig,
+    PPOConfig,
+    ReinforceConfig,
+    SACConfig,
+)
+from rllama_jax.memory import MemoryConfig, MemoryState, init_memory
+from rllama_jax.models import LlamaConfig, Params
+from rllama_jax.models.lora import LoraConfig, init_lora, with_lora
+from rllama_jax.sampling import SamplingConfig
+from rllama_jax.train.replay import ReplayBuffer, init_replay
+
+ALGORITHMS = ("ppo", "a2c", "reinforce", "grpo", "dqn", "sac")
+OFF_POLICY = ("dqn", "sac")
+ACTION_MODES = ("score", "generate")
+TRAINABLE = ("full", "lora", "heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything static about training (hashable; changing a field recompiles).
+
+    Score mode: the policy is a softmax over candidate scores (``score_reduction`` of the
+    candidate's token log-likelihoods, divided by ``policy_temperature``). Generate mode:
+    token-level policy over the generated reply, log-probs under ``sampling``.
+    Off-policy (DQN, SAC): each ``train_step`` writes the transitions to the replay buffer
+    and takes ``updates_per_step`` gradient steps on minibatches of ``replay_batch``.
+    """
+
+    algorithm: str = "ppo"
+    action_mode: str = "score"
+    trainable: str = "lora"
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = 1e-4
+    head_learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    n_step: int = 5
+    epochs: int = 4
+    minibatches: int = 1
+    score_reduction: str = "sum"
+    policy_temperature: float = 1.0
+    sampling: SamplingConfig = SamplingConfig()
+    ppo: PPOConfig = PPOConfig()
+    a2c: A2CConfig = A2CConfig()
+    reinforce: ReinforceConfig = ReinforceConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    dqn: DQNConfig = DQNConfig()
+    sac: SACConfig = SACConfig()
+    target_update: str = "polyak"
+    tau: float = 0.05
+    target_period: int = 100
+    replay_capacity: int = 4096
+    replay_batch: int = 32
+    updates_per_step: int = 1
+    head_hidden: int = 0
+    init_log_alpha: float = -2.0
+    memory: MemoryConfig = MemoryConfig()
+
+    def __post_init__(self) -> None:
+        check = {
+            "algorithm": (self.algorithm, ALGORITHMS),
+            "action_mode": (self.action_mode, ACTION_MODES),
+            "trainable": (self.trainable, TRAINABLE),
+            "score_reduction": (self.score_reduction, ("sum", "mean")),
+            "target_update": (self.target_update, ("polyak", "periodic")),
+        }
+        for name, (value, allowed) in check.items():
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if self.algorithm in OFF_POLICY and self.action_mode != "score":
+            raise ValueError(
+                f"{self.algorithm} needs action_mode='score' (Q-values over candidate actions)"
+            )
+        if self.trainable == "heads" and self.action_mode == "generate":
+            raise ValueError(
+                "trainable='heads' with action_mode='generate' would leave the policy frozen; "
+                "use 'lora' or 'full'"
+            )
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ValueError("epochs and minibatches must be >= 1")
+
+    @property
+    def off_policy(self) -> bool:
+        return self.algorithm in OFF_POLICY
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The heads this configuration trains."""
+        names: tuple[str, ...] = ()
+        if self.algorithm in ("ppo", "a2c") or (
+            self.algorithm == "reinforce" and self.reinforce.baseline == "value"
+        ):
+            names += ("value",)
+        if self.algorithm == "dqn":
+            names += ("q",)
+        if self.algorithm == "sac":
+            names += ("q1", "q2")
+        if self.trainable == "heads" and self.algorithm != "dqn":
+            # With the LLM frozen, a zero-initialised head on each candidate's hidden state
+            # is what the policy learns (DQN's policy is the Q head itself).
+            names += ("policy",)
+        return names
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@struct.dataclass
+class TrainState:
+    """trainable: {"model"? full params, "lora"? adapters, "heads": {...}, "log_alpha"? []};
+    frozen: {"model"? base params (lora/heads), "ref_model"? reference copy (full + KL)};
+    target: copy of ``trainable`` for DQN/SAC ({} otherwise); step, skipped: [] int32."""
+
+    trainable: Params
+    frozen: Params
+    target: Params
+    opt_state: Any
+    replay: ReplayBuffer | None
+    memory: MemoryState
+    rng: jax.Array
+    step: jax.Array
+    skipped: jax.Array
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on the model part, Adam with its own rate on heads; global-norm clipping."""
+
+    def labels(tree: Params) -> Params:
+        return {
+            group: jax.tree.map(
+                lambda _, g=group: "model" if g in ("model", "lora") else "head", sub
+            )
+            for group, sub in tree.items()
+        }
+
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.multi_transform(
+            {
+                "model": optax.adamw(config.learning_rate, weight_decay=0.0),
+                "head": optax.adam(config.head_learning_rate),
+            },
+            labels,
+        ),
+    )
+
+
+def policy_params(trainable: Params, frozen: Params, config: TrainConfig) -> Params:
+    """The model parameters the current policy runs with (adapters attached for LoRA)."""
+    if config.trainable == "full":
+        return trainable["model"]
+    if config.trainable == "lora":
+        return with_lora(frozen["model"], trainable["lora"], config.lora)
+    return frozen["model"]
+
+
+def reference_params(frozen: Params, config: TrainConfig) -> Params:
+    """The frozen reference policy for KL penalties: the base model (free for LoRA/heads),
+    or a copy kept at initialisation for full fine-tuning."""
+    return frozen["ref_model"] if config.trainable == "full" else frozen["model"]
+
+
+def _needs_reference(config: TrainConfig) -> bool:
+    return (config.algorithm == "ppo" and config.ppo.kl_coef > 0) or (
+        config.algorithm == "grpo" and config.grpo.beta > 0
+    )
+
+
+def init_train_state(
+    config: TrainConfig,
+    model_config: LlamaConfig,
+    params: Params,
+    key: jax.Array,
+    *,
+    num_envs: int = 1,
+    replay_example: Any = None,
+) -> TrainState:
+    """A fresh state around pretrained ``params``.
+
+    The state takes ownership of ``params``: ``train_step`` donates the state, so the arrays
+    passed here are consumed by the first step (pass a copy to keep using them elsewhere).
+
+    replay_example: one ``Transitions`` batch (any leading size) fixing the replay buffer's
+    item shapes; required for DQN/SAC.
+    """
+    k_lora, k_heads, k_rng = jax.random.split(key, 3)
+    trainable: Params = {}
+    frozen: Params = {}
+    if config.trainable == "full":
+        trainable["model"] = params
+        if _needs_reference(config):
+            frozen["ref_model"] = jax.tree.map(jnp.copy, params)
+    else:
+        frozen["model"] = params
+        if config.trainable == "lora":
+            trainable["lora"] = init_lora(k_lora, model_config, config.lora)
+    d = model_config.hidden_size
+    head_keys = jax.random.split(k_heads, max(1, len(config.head_names)))
+    trainable["heads"] = {
+        name: init_head(k, d, 1, config.head_hidden)
+        for name, k in zip(config.head_names, head_keys, strict=False)
+    }
+    if config.algorithm == "sac":
+        trainable["log_alpha"] = jnp.asarray(config.init_log_alpha, jnp.float32)
+    target = jax.tree.map(jnp.copy, trainable) if config.off_policy else {}
+    replay = None
+    if config.off_policy:
+        if replay_example is None:
+            raise ValueError(f"{config.algorithm} needs replay_example to size its replay buffer")
+        replay = init_replay(replay_example, config.replay_capacity)
+    opt_state = make_optimizer(config).init(trainable)
+    # Every leaf must be its own buffer: the state is donated, and XLA refuses to donate one
+    # buffer twice.
+    opt_state = jax.tree.map(jnp.copy, opt_state)
+    return TrainState(
+        trainable=trainable,
+        frozen=frozen,
+        target=target,
+        opt_state=opt_state,
+        replay=replay,
+        memory=init_memory(config.memory, num_envs),
+        rng=k_rng,
+        step=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
