@@ -3,7 +3,8 @@ shared-prefix KV cache.
 
 Every function here is one compiled call for all environments at once. Sampling settings are
 static (a hashable ``SamplingConfig``): they are fixed for a run, and being static lets the
-compiler drop the sort that top-p / top-k need when they are off.
+compiler drop whatever a setting switches off (no top-k search when top-k and top-p are off,
+no random numbers when greedy).
 
 Shapes: ``B`` rows (environments), ``L`` prompt tokens (left-padded), ``N`` new tokens,
 ``A`` candidate actions of at most ``C`` tokens (right-padded), ``P`` shared-prefix tokens,
@@ -22,15 +23,39 @@ from flax import struct
 
 from rllama_jax.models import KVCache, LlamaConfig, Params, forward, init_cache, lm_head
 from rllama_jax.models.llama import positions_from_mask
+from rllama_jax.tokenization import bucket_length
+
+__all__ = [
+    "Generation",
+    "PrefixCache",
+    "SamplingConfig",
+    "Scores",
+    "bucket_length",
+    "build_prefix",
+    "generate",
+    "prefill",
+    "process_logits",
+    "sample_categorical",
+    "score_candidates",
+    "sequence_logprobs",
+    "token_logprobs",
+]
 
 _NEG_INF = -1e30
+# Top-p without top-k looks for the nucleus among this many highest logits (lax.top_k,
+# milliseconds on CPU) and falls back to a full sort (half a second for a 32 x 49k batch on
+# CPU) only in the rare step where some row's nucleus is larger.
+_TOP_P_CANDIDATES = 128
+# Sampling draws a block of this many vocabulary entries, then a token inside it (exact, and
+# needs two small sets of random numbers instead of one per vocabulary entry).
+_SAMPLE_BLOCK = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How tokens are drawn. ``temperature == 0`` is greedy; ``top_k == 0`` and
-    ``top_p == 1`` switch those filters off. Defaults are LlamaGym's (32 new tokens,
-    top-p 0.6, temperature 0.9)."""
+    """How tokens are drawn. ``temperature == 0`` is greedy (argmax; top-k and top-p then
+    play no part); ``top_k == 0`` and ``top_p == 1`` switch those filters off. Defaults are
+    LlamaGym's (32 new tokens, top-p 0.6, temperature 0.9)."""
 
     max_new_tokens: int = 32
     temperature: float = 0.9
@@ -44,31 +69,63 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+def _nucleus_cutoff(top: jax.Array, log_norm: jax.Array, top_p: float) -> jax.Array:
+    """Smallest logit ``[..., 1]`` of the nucleus, from the highest logits ``top [..., K]``
+    (descending) and the log normaliser ``[..., 1]`` of the distribution they belong to.
+
+    A token is kept when the probability mass strictly before it is below ``top_p`` (the top
+    token always is): the smallest set of top tokens whose mass reaches ``top_p``.
+    """
+    probs = jnp.exp(top - log_norm)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    last_kept = jnp.sum(before < top_p, axis=-1, keepdims=True) - 1
+    return jnp.take_along_axis(top, last_kept, axis=-1)
+
+
+def _filter_cutoff(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """The top-k-then-top-p cutoff ``[..., 1]``: tokens with logits >= it are kept.
+
+    logits: temperature-scaled ``[..., V]``. Top-p acts on the distribution renormalised
+    after top-k (as transformers' warpers do). No full sort: ``lax.top_k`` finds the
+    candidates; top-p alone sorts the whole vocabulary only when its nucleus is larger than
+    ``_TOP_P_CANDIDATES`` tokens in some row.
+    """
+    v = logits.shape[-1]
+    if sampling.top_k > 0:
+        top = jax.lax.top_k(logits, min(sampling.top_k, v))[0]
+        if sampling.top_p >= 1.0:
+            return top[..., -1:]
+        return _nucleus_cutoff(top, jax.nn.logsumexp(top, -1, keepdims=True), sampling.top_p)
+    log_norm = jax.nn.logsumexp(logits, -1, keepdims=True)
+    k = min(_TOP_P_CANDIDATES, v)
+    top = jax.lax.top_k(logits, k)[0]
+    if k == v:
+        return _nucleus_cutoff(top, log_norm, sampling.top_p)
+    # The nucleus lies inside the top k when the k - 1 best already reach top_p.
+    covered = jnp.all(jnp.sum(jnp.exp(top[..., :-1] - log_norm), -1) >= sampling.top_p)
+    return jax.lax.cond(
+        covered,
+        lambda: _nucleus_cutoff(top, log_norm, sampling.top_p),
+        lambda: _nucleus_cutoff(-jnp.sort(-logits, axis=-1), log_norm, sampling.top_p),
+    )
+
+
 def process_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """Log-probabilities ``[..., V]`` of the distribution tokens are actually drawn from:
-    logits / temperature, then top-k, then top-p (nucleus) filtering, renormalised.
+    logits / temperature, then top-k, then top-p (nucleus) filtering, renormalised; filtered
+    tokens get about -1e30.
 
     The same function turns a training forward pass's logits into the log-probs the losses
-    use, so acting and learning agree on the policy. Greedy (temperature 0) is treated as
-    temperature 1 here: it is the limit policy, and its log-probs are those of the model.
+    use, so acting and learning agree on the policy. Greedy (temperature 0) returns the
+    model's own log-softmax: argmax ignores the filters, and its log-probs are the limit
+    policy's. Gradients flow through the kept logits; the cutoff is treated as a constant.
     """
     logits = logits.astype(jnp.float32)
-    if not sampling.greedy:
-        logits = logits / sampling.temperature
+    if sampling.greedy:
+        return jax.nn.log_softmax(logits, axis=-1)
+    logits = logits / sampling.temperature
     if sampling.top_k > 0 or sampling.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cutoff = jnp.full(logits.shape[:-1] + (1,), _NEG_INF, jnp.float32)
-        if sampling.top_k > 0:
-            k = min(sampling.top_k, logits.shape[-1])
-            cutoff = jnp.maximum(cutoff, sorted_logits[..., k - 1 : k])
-        if sampling.top_p < 1.0:
-            probs = jax.nn.softmax(sorted_logits, axis=-1)
-            # Keep the smallest set of top tokens whose mass reaches top_p: a token is kept
-            # when the mass strictly before it is below top_p (the top token always is).
-            before = jnp.cumsum(probs, axis=-1) - probs
-            kept = before < sampling.top_p
-            last_kept = jnp.sum(kept, axis=-1, keepdims=True) - 1
-            cutoff = jnp.maximum(cutoff, jnp.take_along_axis(sorted_logits, last_kept, axis=-1))
+        cutoff = _filter_cutoff(jax.lax.stop_gradient(logits), sampling)
         logits = jnp.where(logits >= cutoff, logits, _NEG_INF)
     return jax.nn.log_softmax(logits, axis=-1)
 
@@ -84,6 +141,26 @@ def token_logprobs(
         else process_logits(logits, sampling)
     )
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def sample_categorical(key: jax.Array, logp: jax.Array) -> jax.Array:
+    """One token id ``[B]`` per row of log-probabilities ``logp [B, V]``.
+
+    Exact two-stage draw: a block of ``_SAMPLE_BLOCK`` ids with probability its total mass,
+    then an id inside it with its renormalised probability. ``jax.random.categorical`` over
+    the whole vocabulary would need V Gumbel samples per row (~90 ms for 32 x 49k on CPU);
+    this needs V / 256 + 256.
+    """
+    b, v = logp.shape
+    block = min(_SAMPLE_BLOCK, v)
+    n_blocks = -(-v // block)
+    if n_blocks * block != v:
+        logp = jnp.pad(logp, ((0, 0), (0, n_blocks * block - v)), constant_values=-jnp.inf)
+    blocks = logp.reshape(b, n_blocks, block)
+    k_block, k_inner = jax.random.split(key)
+    chosen = jax.random.categorical(k_block, jax.nn.logsumexp(blocks, axis=-1), axis=-1)
+    inner = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
+    return (chosen * block + jax.random.categorical(k_inner, inner, axis=-1)).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------- shared prefix
@@ -167,9 +244,10 @@ def prefill(
 # ---------------------------------------------------------------------------- generation
 class Generation(NamedTuple):
     """tokens: [B, N] new token ids (pad after a row stops); logprobs: [B, N] log-prob of each
-    under the sampling distribution; mask: [B, N] True for tokens that belong to the reply
-    (up to and including the stop token); lengths: [B]; last_hidden: [B, D] hidden state at
-    the last prompt token; steps: [] decode steps actually run."""
+    under the sampling distribution (0 on padding); mask: [B, N] True for tokens that belong
+    to the reply (up to and including the stop token); lengths: [B]; last_hidden: [B, D]
+    hidden state at the last prompt token; steps: [] token positions actually generated
+    (< N when every row stopped early)."""
 
     tokens: jax.Array
     logprobs: jax.Array
@@ -179,13 +257,16 @@ class Generation(NamedTuple):
     steps: jax.Array
 
 
-def _sample(key: jax.Array, logits: jax.Array, sampling: SamplingConfig):
+def _sample(
+    key: jax.Array, logits: jax.Array, sampling: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Draws one token per row from logits [B, V]: (token [B] int32, its log-prob [B])."""
     logp = process_logits(logits, sampling)
     if sampling.greedy:
-        token = jnp.argmax(logits, axis=-1)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        token = jax.random.categorical(key, logp, axis=-1)
-    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+        token = sample_categorical(key, logp)
+    return token, jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"))
@@ -200,51 +281,63 @@ def generate(
 ) -> Generation:
     """Samples up to ``sampling.max_new_tokens`` tokens for a left-padded batch.
 
-    prompt_tokens, prompt_mask: [B, L]; key: a PRNG key. Prefill, then a ``lax.while_loop``
-    over a cache allocated once inside the compiled call (so XLA updates it in place), which
-    exits as soon as every row has emitted a stop token.
+    prompt_tokens, prompt_mask: [B, L]; key: a PRNG key; prefix: the shared-prefix cache
+    the rows continue (their tokens then follow it). The first token comes from the prefill;
+    a ``lax.while_loop`` then feeds each token back through the cache (allocated once inside
+    the compiled call, so XLA updates it in place): N - 1 single-token forward passes, and
+    the loop exits as soon as every row has emitted a stop token.
     """
     n = sampling.max_new_tokens
+    if n < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {n}")
     b = prompt_tokens.shape[0]
-    last_hidden, logits, cache, pos = prefill(params, config, prompt_tokens, prompt_mask, n, prefix)
+    last_hidden, logits, cache, pos = prefill(
+        params, config, prompt_tokens, prompt_mask, n - 1, prefix
+    )
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
+    keys = jax.random.split(key, n)
+
+    def record(i, token, logp, done, tokens, logprobs, mask):
+        token = jnp.where(done, sampling.pad_token_id, token)
+        tokens = tokens.at[:, i].set(token)
+        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
+        mask = mask.at[:, i].set(~done)
+        done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        return token, done, tokens, logprobs, mask
 
     def cond(carry):
         i, _, _, done, *_ = carry
         return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, logits, done, key, tokens, logprobs, mask = carry
-        key, sub = jax.random.split(key)
-        token, logp = _sample(sub, logits, sampling)
-        token = jnp.where(done, sampling.pad_token_id, token)
-        tokens = tokens.at[:, i].set(token)
-        logprobs = logprobs.at[:, i].set(jnp.where(done, 0.0, logp))
-        mask = mask.at[:, i].set(~done)
-        done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        i, cache, token, done, tokens, logprobs, mask = carry
+        # Token i - 1 sits at position pos + i - 1 and predicts token i.
         out = forward(
             params,
             config,
             token[:, None],
-            (pos + i)[:, None],
+            (pos + i - 1)[:, None],
             jnp.ones((b, 1), bool),
             cache,
             compute_logits=False,
         )
         logits = lm_head(params, out.hidden[:, -1], config)
-        return i + 1, out.cache, logits, done, key, tokens, logprobs, mask
+        token, logp = _sample(keys[i], logits, sampling)
+        token, done, tokens, logprobs, mask = record(i, token, logp, done, tokens, logprobs, mask)
+        return i + 1, out.cache, token, done, tokens, logprobs, mask
 
-    init = (
-        jnp.asarray(0, jnp.int32),
-        cache,
-        logits,
+    token, logp = _sample(keys[0], logits, sampling)
+    token, done, tokens, logprobs, mask = record(
+        0,
+        token,
+        logp,
         jnp.zeros((b,), bool),
-        key,
         jnp.full((b, n), sampling.pad_token_id, jnp.int32),
         jnp.zeros((b, n), jnp.float32),
         jnp.zeros((b, n), bool),
     )
-    steps, _, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
+    init = (jnp.asarray(1, jnp.int32), cache, token, done, tokens, logprobs, mask)
+    steps, _, _, _, tokens, logprobs, mask = jax.lax.while_loop(cond, body, init)
     return Generation(
         tokens=tokens,
         logprobs=logprobs,
@@ -255,6 +348,7 @@ def generate(
     )
 
 
+@functools.partial(jax.jit, static_argnames=("config", "sampling"))
 def sequence_logprobs(
     params: Params,
     config: LlamaConfig,
@@ -268,7 +362,7 @@ def sequence_logprobs(
 
     prompt_*: [B, L] left-padded; response_*: [B, N]. Returns (logprobs [B, N] under the
     ``sampling`` distribution, zero where ``response_mask`` is False; last prompt hidden
-    state [B, D]).
+    state [B, D]). Jitted (config and sampling static); inside another jit it is inlined.
     """
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
@@ -308,7 +402,8 @@ def score_candidates(
     The prompt is run once into the cache; all A candidates of a row then go through ONE
     forward call as a single block of A*C tokens whose attention mask lets each candidate
     see the prompt and its own earlier tokens only, so the prompt is never re-run A times
-    and its cache never copied. Candidates are right-padded: candidate_mask [B, A, C].
+    and its cache never copied. Candidates are right-padded: candidate_mask [B, A, C]; a
+    candidate with no token scores 0 (mask it out with the action mask).
     """
     b, a, c = candidate_tokens.shape
     cmask = candidate_mask.astype(bool)
@@ -317,7 +412,8 @@ def score_candidates(
     )
     flat_tokens = candidate_tokens.reshape(b, a * c)
     flat_mask = cmask.reshape(b, a * c)
-    positions = (pos[:, None, None] + jnp.arange(c)[None, None, :]).reshape(b, a * c)
+    # Token j of every candidate sits at position pos + j.
+    positions = jnp.broadcast_to(pos[:, None, None] + jnp.arange(c), (b, a, c)).reshape(b, a * c)
     # block[(a1, c1), (a2, c2)] = (a1 == a2) & (c1 >= c2)
     same = jnp.arange(a)[:, None, None, None] == jnp.arange(a)[None, None, :, None]
     causal = jnp.arange(c)[None, :, None, None] >= jnp.arange(c)[None, None, None, :]
@@ -334,13 +430,11 @@ def score_candidates(
     )
     hidden = out.hidden.reshape(b, a, c, -1)
     # Token j of a candidate is predicted by the prompt's last state (j = 0) or by the
-    # candidate's token j - 1.
-    later_logits = lm_head(params, hidden[:, :, :-1], config)  # [B, A, C-1, V]
-    first = token_logprobs(
-        jnp.broadcast_to(first_logits[:, None], (b, a, first_logits.shape[-1])),
-        candidate_tokens[:, :, 0],
+    # candidate's token j - 1 (so no logits are needed at a candidate's last slot).
+    first = jnp.take_along_axis(
+        jax.nn.log_softmax(first_logits, axis=-1), candidate_tokens[:, :, 0], axis=-1
     )
-    rest = token_logprobs(later_logits, candidate_tokens[:, :, 1:])
+    rest = token_logprobs(lm_head(params, hidden[:, :, :-1], config), candidate_tokens[:, :, 1:])
     token_logp = jnp.where(cmask, jnp.concatenate([first[..., None], rest], axis=-1), 0.0)
     count = jnp.maximum(jnp.sum(cmask, axis=-1), 1)
     last = jnp.maximum(jnp.sum(cmask, axis=-1) - 1, 0)
@@ -353,11 +447,3 @@ def score_candidates(
         prompt_hidden=prompt_hidden,
         candidate_hidden=cand_hidden,
     )
-
-
-def bucket_length(length: int, buckets: tuple[int, ...]) -> int:
-    """The smallest bucket >= length (raises when the prompt exceeds the largest one)."""
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"prompt of {length} tokens exceeds the largest length bucket {buckets[-1]}")
