@@ -340,7 +340,8 @@ def categorical_entropy(logits: Array, mask: Array | None = None) -> Array:
     """Entropy `[...]` of the categorical `softmax(logits [..., A])` over valid actions.
 
     Invalid actions (mask 0) are excluded from the distribution; their `p log p` terms are
-    dropped explicitly so no `0 * NEG_INF` reaches the result or the gradient.
+    dropped explicitly, so a row without any valid action (terminal padding) gets entropy
+    0 rather than that of a uniform distribution.
     """
     log_probs = masked_log_softmax(logits, mask)
     plogp = jnp.exp(log_probs) * log_probs

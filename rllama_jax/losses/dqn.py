@@ -76,6 +76,7 @@ def q_learning_target(
     """
     chex.assert_rank([rewards, discounts, next_q_target], [1, 1, 2])
     chex.assert_equal_shape([rewards, discounts])
+    chex.assert_axis_dimension(next_q_target, 0, rewards.shape[0])
     if double:
         if next_q_online is None:
             raise ValueError("double Q-learning needs next_q_online")
@@ -108,6 +109,8 @@ def td_errors(
       (rest as in `q_learning_target`).
     """
     chex.assert_rank([q, actions], [2, 1])
+    chex.assert_equal_shape([actions, rewards])
+    chex.assert_equal_shape([q, next_q_target])
     q_taken = jnp.take_along_axis(q, actions[:, None].astype(jnp.int32), axis=-1)[:, 0]
     target = q_learning_target(rewards, discounts, next_q_target, next_mask, next_q_online, double)
     return target - q_taken
@@ -187,7 +190,9 @@ def linear_epsilon(
     return start + fraction * (end - start)
 
 
-def polyak_update(target: chex.ArrayTree, online: chex.ArrayTree, tau: float | Array):
+def polyak_update(
+    target: chex.ArrayTree, online: chex.ArrayTree, tau: float | Array
+) -> chex.ArrayTree:
     """Soft target update `(1 - tau) * target + tau * online`, leafwise.
 
     `tau = 1` copies `online`, `tau = 0` keeps `target` (both exactly).

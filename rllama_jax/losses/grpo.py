@@ -56,11 +56,12 @@ def group_advantages(
     """Group-normalised advantages `(R - mean_group) / (std_group + eps)`.
 
     Give either `group_size` (episodes laid out as consecutive groups of `G`, `B % G == 0`)
-    or `group_ids` (`[B]` ints in `[0, B)`, any layout, groups may differ in size).
+    or `group_ids` (`[B]` ints, any values and layout, e.g. env seeds; groups may differ
+    in size).
 
     Args:
       returns: `[B]` episode returns.
-      group_ids: `[B]` int group of each episode, or `None`.
+      group_ids: `[B]` int group label of each episode, or `None`.
       group_size: `G`, or `None`.
       eps: added to the std (TRL: 1e-4).
       ddof: std delta degrees of freedom; 1 = unbiased (TRL/verl), 0 = population.
@@ -80,6 +81,9 @@ def group_advantages(
             raise ValueError(f"batch {batch} is not a multiple of group_size {group_size}")
         group_ids = jnp.arange(batch) // group_size
     chex.assert_shape(group_ids, (batch,))
+    # Relabel to dense ids in [0, B) (static size, so this stays jit-compatible).
+    _, group_ids = jnp.unique(group_ids, return_inverse=True, size=batch)
+    group_ids = group_ids.reshape(batch)
     w = jnp.ones_like(returns) if valid is None else valid.astype(returns.dtype)
     chex.assert_shape(w, (batch,))
 

@@ -69,6 +69,8 @@ def soft_state_value(
       mask: `[B, A]` valid actions, or `None`.
       q1, q2: `[B, A]` twin Q-values.
       alpha: temperature.
+
+    A state without any valid action (terminal padding in a replay buffer) gets value 0.
     """
     chex.assert_equal_shape([logits, q1, q2])
     log_pi = masked_log_softmax(logits, mask)
@@ -115,8 +117,9 @@ def sac_critic_loss(
       `(loss, metrics)`; metrics: critic_loss, q1, q2, target.
     """
     chex.assert_rank([q1, actions, rewards, discounts], [2, 1, 1, 1])
-    chex.assert_equal_shape([q1, q2])
-    chex.assert_equal_shape([next_logits, next_q1_target, next_q2_target])
+    chex.assert_equal_shape([actions, rewards, discounts])
+    chex.assert_axis_dimension(q1, 0, actions.shape[0])
+    chex.assert_equal_shape([q1, q2, next_logits, next_q1_target, next_q2_target])
     alpha = jax.lax.stop_gradient(alpha)
     next_v = soft_state_value(next_logits, next_mask, next_q1_target, next_q2_target, alpha)
     y = jax.lax.stop_gradient(rewards + discounts * next_v)
@@ -180,7 +183,7 @@ def sac_temperature_loss(
       target: scalar or `[B]` target entropy.
       weights: `[B]` per-sample weights, or `None`.
     """
-    chex.assert_rank(log_alpha, 0)
+    chex.assert_rank([log_alpha, entropy], [0, 1])
     gap = jax.lax.stop_gradient(jnp.broadcast_to(target, entropy.shape) - entropy)
     return _weighted_mean(-log_alpha * gap, weights)
 
@@ -204,7 +207,7 @@ def sac_loss(
     """Critic + actor + temperature losses, summed (disjoint gradients; see module doc).
 
     Shapes: `logits, mask, q1, q2, next_*`: `[B, A]`; `actions, rewards, discounts,
-    weights`: `[B]`; `log_alpha`: scalar.
+    weights`: `[B]`; `log_alpha`: scalar; `config`: `SACConfig`, `None` for the defaults.
 
     Returns:
       `(loss, metrics)`; metrics: loss, critic_loss, actor_loss, temperature_loss,
