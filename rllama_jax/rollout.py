@@ -1,61 +1,140 @@
-"""The host-side environment loop for score mode: N text environments, one jitted act call
-per step for all of them, trajectories out as a fixed-shape ``Batch``.
+"""The host-side environment loop: N text environments, one jitted act call per step for all
+of them, trajectories out as a fixed-shape ``Batch``.
 
 Text environments cannot run inside ``jit``; everything numeric between two env steps is one
-compiled call. Prompts are padded to one fixed length and candidates to fixed (A, C), so the
-act function compiles once.
+compiled call (``act``): reading memory, splicing it into the prompt, and scoring candidates
+or generating a reply. Prompts are padded to one fixed length and candidates to fixed
+(A, C), so ``act`` compiles once.
+
+Memory (text representation): the query is the hidden state at the last token of the
+memory-free prompt (a prefill inside the same compiled call); retrieved episodic entries and
+the env's recent steps are spliced into the user turn before the observation. After each env
+step the step's rendering enters working memory (cleared when the episode ends); the batch
+carries each turn's key and rendering so ``train_step`` writes them to episodic memory with
+their returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rllama_jax.heads import apply_head
+from rllama_jax.memory import MemoryConfig, MemoryState, augment_prompt, end_episodes, record_step
 from rllama_jax.models import LlamaConfig
-from rllama_jax.tokenization import chat_token_ids, encode_candidates, left_pad
+from rllama_jax.sampling import generate, prefill
+from rllama_jax.tokenization import chat_token_ids, decode_responses, encode_candidates, left_pad
 from rllama_jax.train import Batch, Observation, TrainConfig, TrainState, evaluate_score
 from rllama_jax.train.state import policy_params
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """num_steps: turns per env per batch (T); prompt_len: fixed prompt width L (a prompt
-    that does not fit raises); max_actions, candidate_len: fixed A and C."""
+    """num_steps: turns per env per batch (T); prompt_len: fixed prompt width L before
+    memory (a prompt that does not fit raises); max_actions, candidate_len: fixed A and C
+    (score mode); fallback_action / parse_penalty: what an unparseable reply does in
+    generate mode (the env gets the fallback, the turn's reward gets the penalty).
+    group_size: G > 0 switches to GRPO layout: every ``collect`` resets all envs, rows
+    ``i // G`` share a seed (so a group starts from the same state), each row plays ONE
+    episode of at most T turns (later turns are invalid), and the batch carries group ids."""
 
     num_steps: int = 8
     prompt_len: int = 256
     max_actions: int = 2
     candidate_len: int = 4
+    fallback_action: int = 0
+    parse_penalty: float = 0.0
+    group_size: int = 0
+
+
+class ActOutput(NamedTuple):
+    """obs: the observation the policy saw (memory spliced in); actions: [B] (score mode);
+    response_tokens, response_mask, logp: [B, N] (generate mode) or logp [B] (score mode);
+    values: [B]; keys: [B, D] memory key of each observation."""
+
+    obs: Observation
+    actions: jax.Array | None
+    response_tokens: jax.Array | None
+    response_mask: jax.Array | None
+    logp: jax.Array
+    values: jax.Array
+    keys: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "config"))
-def act_score(
+def act(
     trainable: Any,
     frozen: Any,
+    memory: MemoryState,
     obs: Observation,
+    insert_at: jax.Array,
     key: jax.Array,
     model_config: LlamaConfig,
     config: TrainConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Samples one action per row from the score-mode policy.
-
-    Returns (actions [B], log-prob of each [B], value estimates [B]).
-    """
+) -> ActOutput:
+    """One policy step for all envs: memory read and splice, then score or generate."""
     model = policy_params(trainable, frozen, config)
-    ev = evaluate_score(model, trainable["heads"], obs, model_config, config)
-    actions = jax.random.categorical(key, ev.log_probs)
-    logp = jnp.take_along_axis(ev.log_probs, actions[:, None], axis=-1)[:, 0]
-    return actions.astype(jnp.int32), logp, ev.values
+    mcfg = config.memory
+    query = None
+    if mcfg.enabled:
+        hidden, _, _, _ = prefill(model, model_config, obs.prompt_tokens, obs.prompt_mask, 0)
+        query = hidden.astype(jnp.float32)
+        tokens, mask = augment_prompt(
+            memory, mcfg, obs.prompt_tokens, obs.prompt_mask, insert_at, query
+        )
+        obs = obs.replace(prompt_tokens=tokens, prompt_mask=mask)
+    if config.action_mode == "score":
+        ev = evaluate_score(model, trainable["heads"], obs, model_config, config)
+        actions = jax.random.categorical(key, ev.log_probs).astype(jnp.int32)
+        logp = jnp.take_along_axis(ev.log_probs, actions[:, None], axis=-1)[:, 0]
+        keys = ev.prompt_hidden.astype(jnp.float32) if query is None else query
+        return ActOutput(obs, actions, None, None, logp, ev.values, keys)
+    gen = generate(model, model_config, obs.prompt_tokens, obs.prompt_mask, key, config.sampling)
+    heads = trainable["heads"]
+    values = (
+        apply_head(heads["value"], gen.last_hidden)[..., 0]
+        if "value" in heads
+        else jnp.zeros(gen.tokens.shape[:1], jnp.float32)
+    )
+    keys = gen.last_hidden.astype(jnp.float32) if query is None else query
+    return ActOutput(obs, None, gen.tokens, gen.mask, gen.logprobs, values, keys)
 
 
-class ScoreRollout:
-    """Steps ``envs`` (text envs with ``info["candidates"]``) with the score-mode policy."""
+@functools.partial(jax.jit, static_argnames=("config",))
+def _remember_step(memory, config: MemoryConfig, tokens, mask, keys, importance, done):
+    memory = record_step(memory, config, tokens, mask, keys, importance, jnp.ones_like(done))
+    return end_episodes(memory, config, done)
+
+
+def _user_content_offset(tokenizer: Any, system_prompt: str) -> int:
+    """Token index where the user message's content starts in a [system, user] prompt:
+    the common prefix of two encodings that differ only in the user content."""
+    a, b = chat_token_ids(
+        tokenizer,
+        [
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": c}]
+            for c in ("alpha", "omega")
+        ],
+    )
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class Rollout:
+    """Steps ``envs`` (text envs with ``info["candidates"]``) with the current policy.
+
+    extract_action: generate mode only, maps a reply to an env action (candidate index or
+    string); returning None or an action the env rejects counts as a parse failure.
+    """
 
     def __init__(
         self,
@@ -65,34 +144,56 @@ class ScoreRollout:
         train_config: TrainConfig,
         config: RolloutConfig,
         seed: int = 0,
+        extract_action: Callable[[str], Any] | None = None,
+        format_observation: Callable[[Any], str] | None = None,
+        system_prompt: str | None = None,
+        seeds: list[int] | None = None,
     ) -> None:
-        if train_config.action_mode != "score":
-            raise ValueError("ScoreRollout needs TrainConfig(action_mode='score')")
+        mcfg = train_config.memory
+        if mcfg.enabled and mcfg.representation != "text":
+            raise ValueError("the rollout splices memory as text; latent memory is not wired in")
+        if train_config.action_mode == "generate" and extract_action is None:
+            raise ValueError("generate mode needs extract_action(reply) -> action")
         self.envs = envs
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.train_config = train_config
         self.config = config
-        self.system_prompt = envs[0].unwrapped.system_prompt
+        self.extract_action = extract_action
+        self.format_observation = format_observation or str
+        self.system_prompt = system_prompt or envs[0].unwrapped.system_prompt
         self.pad_id = 0
         self.key = jax.random.key(seed)
-        self.obs: list[str] = []
+        self.insert_at = np.full(
+            len(envs), _user_content_offset(tokenizer, self.system_prompt), np.int32
+        )
+        self._seed = seed
+        self._group_round = 0
+        seeds = seeds if seeds is not None else [seed + i for i in range(len(envs))]
+        self.raw_obs: list[Any] = []
         self.candidates: list[list[str]] = []
-        for i, env in enumerate(envs):
-            o, info = env.reset(seed=seed + i)
-            self.obs.append(o)
-            self.candidates.append(list(info["candidates"]))
+        for env, s in zip(envs, seeds, strict=True):
+            o, info = env.reset(seed=s)
+            self.raw_obs.append(o)
+            self.candidates.append(list(info.get("candidates", [])))
         self.episode_returns = np.zeros(len(envs))
         self.finished_returns: list[float] = []
+        self.parse_failures = 0
 
-    def encode(self, texts: list[str], candidates: list[list[str]]) -> Observation:
-        """Host-side tokenization of one step's observations for all envs."""
+    # ------------------------------------------------------------------ host-side encoding
+    def encode(self, raw_obs: list[Any], candidates: list[list[str]]) -> Observation:
+        """Tokenizes one step's observations (and candidates in score mode) for all envs."""
         convs = [
-            [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": t}]
-            for t in texts
+            [
+                {"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": self.format_observation(o)},
+            ]
+            for o in raw_obs
         ]
         rows = chat_token_ids(self.tokenizer, convs, add_generation_prompt=True)
         tokens, mask = left_pad(rows, self.config.prompt_len, self.pad_id)
+        if self.train_config.action_mode != "score":
+            return Observation(tokens, mask)
         ctok, cmask, amask = encode_candidates(
             self.tokenizer,
             candidates,
@@ -102,56 +203,158 @@ class ScoreRollout:
         )
         return Observation(tokens, mask, ctok, cmask, amask)
 
-    def _act(self, state: TrainState, obs: Observation):
-        self.key, sub = jax.random.split(self.key)
-        return act_score(
-            state.trainable, state.frozen, obs, sub, self.model_config, self.train_config
-        )
+    def _render(self, texts: list[str], width: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        tokens = np.full((len(texts), width), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), width), np.int32)
+        for i, row in enumerate(ids):
+            row = row[:width]
+            tokens[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return tokens, mask
 
-    def collect(self, state: TrainState) -> Batch:
-        """Runs T steps in every env and returns the batch ``[N, T]``."""
+    def _act(self, state: TrainState, obs: Observation) -> ActOutput:
+        self.key, sub = jax.random.split(self.key)
+        return act(
+            state.trainable, state.frozen, state.memory, obs, self.insert_at, sub,
+            self.model_config, self.train_config,
+        )  # fmt: skip
+
+    def _value(self, state: TrainState, raw_obs: list[Any], candidates) -> np.ndarray:
+        return np.asarray(self._act(state, self.encode(raw_obs, candidates)).values)
+
+    # ------------------------------------------------------------------ the loop
+    def collect(self, state: TrainState) -> tuple[TrainState, Batch]:
+        """Runs T steps in every env; returns the state (memory updated) and a [N, T] batch."""
         n, t = len(self.envs), self.config.num_steps
-        obs_steps, actions, logps, values = [], [], [], []
+        mcfg = self.train_config.memory
+        score = self.train_config.action_mode == "score"
+        grouped = self.config.group_size > 0
+        active = np.ones(n, bool)
+        valid = np.ones((n, t), bool)
+        if grouped:
+            self._reset_groups()
+        outs: list[ActOutput] = []
         rewards = np.zeros((n, t), np.float32)
         terminated = np.zeros((n, t), bool)
         truncated = np.zeros((n, t), bool)
         final_values = np.zeros((n, t), np.float32)
+        renders: list[list[str]] = []
         for step in range(t):
-            obs = self.encode(self.obs, self.candidates)
-            a, logp, v = self._act(state, obs)
-            a = np.asarray(a)
-            obs_steps.append(obs)
-            actions.append(a)
-            logps.append(np.asarray(logp))
-            values.append(np.asarray(v))
-            final_texts, final_cands = list(self.obs), list(self.candidates)
+            out = self._act(state, self.encode(self.raw_obs, self.candidates))
+            outs.append(out)
+            if score:
+                actions = [int(a) for a in np.asarray(out.actions)]
+                action_texts = [self.candidates[i][a] for i, a in enumerate(actions)]
+            else:
+                replies = decode_responses(
+                    self.tokenizer, np.asarray(out.response_tokens), np.asarray(out.response_mask)
+                )
+                actions, action_texts = [], []
+                for r in replies:
+                    actions.append(self.extract_action(r))
+                    action_texts.append(r.strip()[:60])
+            final_obs, final_cands = list(self.raw_obs), list(self.candidates)
+            step_texts = []
             for i, env in enumerate(self.envs):
-                o, r, term, trunc, info = env.step(int(a[i]))
+                obs_text = self.format_observation(self.raw_obs[i])
+                if not active[i]:  # GRPO row whose episode is over: padding turn
+                    valid[i, step] = False
+                    step_texts.append("")
+                    continue
+                o, r, term, trunc, info = self._step(env, i, actions[i])
                 rewards[i, step] = r
                 terminated[i, step] = term
                 truncated[i, step] = trunc and not term
                 self.episode_returns[i] += r
+                step_texts.append(self._render_step(env, obs_text, action_texts[i], r))
+                if grouped and not (term or trunc) and step == t - 1:
+                    trunc = True  # the episode outlived the batch: bootstrap it
+                    truncated[i, step] = True
                 if term or trunc:
-                    final_texts[i], final_cands[i] = o, list(info["candidates"])
+                    final_obs[i], final_cands[i] = o, list(info.get("candidates", []))
                     self.finished_returns.append(float(self.episode_returns[i]))
                     self.episode_returns[i] = 0.0
-                    o, info = env.reset()
-                self.obs[i], self.candidates[i] = o, list(info["candidates"])
+                    if grouped:
+                        active[i] = False
+                    else:
+                        o, info = env.reset()
+                self.raw_obs[i], self.candidates[i] = o, list(info.get("candidates", []))
+            renders.append(step_texts)
             if truncated[:, step].any():
                 # Truncation is not termination: bootstrap from V(true final observation).
-                _, _, v_final = self._act(state, self.encode(final_texts, final_cands))
-                final_values[:, step] = np.where(truncated[:, step], np.asarray(v_final), 0.0)
-        _, _, bootstrap = self._act(state, self.encode(self.obs, self.candidates))
-        stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *obs_steps)
-        return Batch(
-            obs=stacked,
-            actions=np.stack(actions, 1),
+                v_final = self._value(state, final_obs, final_cands)
+                final_values[:, step] = np.where(truncated[:, step], v_final, 0.0)
+            if mcfg.use_working:
+                tokens, mask = self._render(step_texts, mcfg.working.max_tokens)
+                done = terminated[:, step] | truncated[:, step] | ~valid[:, step]
+                memory = _remember_step(
+                    state.memory, mcfg, tokens, mask * valid[:, step, None], out.keys,
+                    jnp.abs(jnp.asarray(rewards[:, step])), jnp.asarray(done),
+                )  # fmt: skip
+                state = state.replace(memory=memory)
+        bootstrap = self._value(state, self.raw_obs, self.candidates)
+        if grouped:
+            bootstrap = np.zeros(n, np.float32)  # every row ended (truncations are folded)
+        stack = lambda *xs: np.stack([np.asarray(x) for x in xs], axis=1)  # noqa: E731
+        obs = jax.tree.map(stack, *[o.obs for o in outs])
+        fields: dict[str, Any] = {}
+        if score:
+            fields["actions"] = stack(*[o.actions for o in outs])
+        else:
+            fields["response_tokens"] = stack(*[o.response_tokens for o in outs])
+            fields["response_mask"] = stack(*[o.response_mask for o in outs])
+        if mcfg.use_episodic:
+            width = mcfg.episodic.max_tokens
+            rendered = [self._render(s, width) for s in renders]
+            fields["memory_keys"] = stack(*[o.keys for o in outs])
+            fields["memory_tokens"] = stack(*[r[0] for r in rendered])
+            fields["memory_mask"] = stack(*[r[1] for r in rendered])
+        batch = Batch(
+            obs=obs,
             rewards=rewards,
             terminated=terminated,
             truncated=truncated,
-            valid=np.ones((n, t), bool),
-            old_logp=np.stack(logps, 1),
-            old_values=np.stack(values, 1),
+            valid=valid,
+            old_logp=stack(*[o.logp for o in outs]),
+            old_values=stack(*[o.values for o in outs]),
             final_values=final_values,
-            bootstrap_value=np.asarray(bootstrap),
+            bootstrap_value=bootstrap,
+            group_ids=np.arange(n, dtype=np.int32) // self.config.group_size if grouped else None,
+            **fields,
         )
+        return state, batch
+
+    def _reset_groups(self) -> None:
+        """Starts a fresh episode in every env; the G rows of a group share a seed."""
+        g = self.config.group_size
+        n = len(self.envs)
+        if n % g:
+            raise ValueError(f"{n} envs cannot form groups of group_size={g}")
+        base = self._group_round * (n // g) + self._seed
+        self._group_round += 1
+        for i, env in enumerate(self.envs):
+            o, info = env.reset(seed=base + i // g)
+            self.raw_obs[i], self.candidates[i] = o, list(info.get("candidates", []))
+        self.episode_returns[:] = 0.0
+
+    def _step(self, env: gym.Env, i: int, action: Any):
+        """env.step, turning an unparseable generate-mode action into the fallback."""
+        if action is not None:
+            try:
+                return env.step(action)
+            except ValueError:
+                pass
+        self.parse_failures += 1
+        o, r, term, trunc, info = env.step(self.config.fallback_action)
+        return o, r + self.config.parse_penalty, term, trunc, info
+
+    @staticmethod
+    def _render_step(env: gym.Env, obs_text: str, action_text: str, reward: float) -> str:
+        render = getattr(env.unwrapped, "render_step", None)
+        if render is not None:
+            try:
+                return render(obs_text, action_text, reward)
+            except ValueError:
+                pass
+        return f"{obs_text} -> {action_text} -> {reward:+g}"

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 import rllama_jax.envs  # noqa: F401  (registers rllama/ envs)
+from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
 from rllama_jax.models import LlamaConfig, init_params
 from rllama_jax.models.loading import default_model_dir, load_tokenizer
 from rllama_jax.models.lora import LoraConfig
-from rllama_jax.rollout import RolloutConfig, ScoreRollout
+from rllama_jax.rollout import Rollout, RolloutConfig
+from rllama_jax.sampling import SamplingConfig
 from rllama_jax.train import TrainConfig, init_train_state, make_train_step
 
 MODEL = LlamaConfig(
@@ -36,14 +38,14 @@ def test_tmaze_rollout_shapes_truncation_and_training(tok):
     # A value head that is not identically zero, so bootstrap values are visible.
     heads = state.trainable["heads"]
     heads["value"]["b"] = jnp.asarray([0.5])
-    rollout = ScoreRollout(
+    rollout = Rollout(
         envs,
         tok,
         MODEL,
         cfg,
         RolloutConfig(num_steps=t, prompt_len=128, max_actions=2, candidate_len=3),
     )
-    batch = rollout.collect(state)
+    state, batch = rollout.collect(state)
     assert batch.obs.prompt_tokens.shape == (n, t, 128)
     assert batch.obs.candidate_tokens.shape == (n, t, 2, 3)
     assert batch.actions.shape == batch.rewards.shape == batch.old_logp.shape == (n, t)
@@ -74,10 +76,136 @@ def test_blackjack_rollout_records_episode_returns(tok):
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(2)]
     cfg = TrainConfig(algorithm="ppo", trainable="heads", epochs=1)
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
-    rollout = ScoreRollout(envs, tok, MODEL, cfg, RolloutConfig(num_steps=6, prompt_len=256))
-    batch = rollout.collect(state)
+    rollout = Rollout(envs, tok, MODEL, cfg, RolloutConfig(num_steps=6, prompt_len=256))
+    state, batch = rollout.collect(state)
     # Blackjack rewards are -1, 0, +1 and only terminal steps pay.
     assert set(np.unique(batch.rewards)) <= {-1.0, 0.0, 1.0}
     assert (batch.rewards[~batch.terminated] == 0).all()
     assert len(rollout.finished_returns) == int(batch.terminated.sum())
     np.testing.assert_allclose(sum(rollout.finished_returns), batch.rewards.sum())
+
+
+def memory_config(tok, mode: str) -> MemoryConfig:
+    d = MODEL.hidden_size
+    return MemoryConfig(
+        mode=mode,
+        representation="text",
+        episodic=EpisodicConfig(capacity=16, key_dim=d, max_tokens=12, k=2),
+        working=WorkingConfig(window=3, max_tokens=12, key_dim=d),
+        episodic_header=tuple(tok(" Past:", add_special_tokens=False)["input_ids"]),
+        working_header=tuple(tok(" Recent:", add_special_tokens=False)["input_ids"]),
+    )
+
+
+def decode_prompt(tok, batch, i, t) -> str:
+    mask = np.asarray(batch.obs.prompt_mask[i, t]).astype(bool)
+    return tok.decode(np.asarray(batch.obs.prompt_tokens[i, t])[mask])
+
+
+def test_working_memory_reaches_prompt_and_clears_at_episode_end(tok):
+    envs = [gym.make("rllama/TMaze-v0", corridor_length=1) for _ in range(2)]
+    cfg = TrainConfig(
+        algorithm="ppo", trainable="heads", epochs=1, memory=memory_config(tok, "working")
+    )
+    state = init_train_state(
+        cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=2
+    )
+    rollout = Rollout(
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=4, prompt_len=128, candidate_len=3)
+    )
+    state, batch = rollout.collect(state)
+    first, second, third, after = (decode_prompt(tok, batch, 0, t) for t in range(4))
+    assert "Recent:" not in first  # nothing remembered yet
+    # Step 1 (corridor) sees step 0 (the signpost) in its recent steps, inside the user turn.
+    assert "Recent:" in second and "signpost" in second.split("Recent:")[1]
+    cue = "LEFT" if "LEFT" in first else "RIGHT"
+    assert f"signpost {cue}" in third  # the junction still remembers the cue
+    assert batch.terminated[:, 2].all()  # corridor 1 -> 3 steps per episode
+    assert "Recent:" not in after  # cleared at episode end
+    assert batch.obs.prompt_tokens.shape[-1] > 128  # the memory region widened the prompt
+
+
+def test_episodic_memory_written_by_train_step_and_retrieved(tok):
+    envs = [gym.make("rllama/KeyedBandit-v0", num_situations=2) for _ in range(2)]
+    cfg = TrainConfig(
+        algorithm="ppo", trainable="heads", epochs=1, memory=memory_config(tok, "episodic")
+    )
+    state = init_train_state(
+        cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=2
+    )
+    rollout = Rollout(
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=2, prompt_len=128, candidate_len=4)
+    )
+    state, batch = rollout.collect(state)
+    assert "Past:" not in decode_prompt(tok, batch, 0, 0)
+    assert batch.memory_keys.shape == (2, 2, MODEL.hidden_size)
+    step = make_train_step(cfg, MODEL)
+    state, _ = step(state, jax.tree.map(jnp.asarray, batch))
+    assert int(state.memory.episodic.valid.sum()) == 4
+    stored = np.asarray(state.memory.episodic.returns)[np.asarray(state.memory.episodic.valid)]
+    np.testing.assert_allclose(np.sort(stored), np.sort(batch.rewards.reshape(-1)))
+    state, batch2 = rollout.collect(state)
+    text = decode_prompt(tok, batch2, 0, 0)
+    assert "Past:" in text and "lever" in text.split("Past:")[1], text
+
+
+def test_generate_mode_rollout_and_parse_failures(tok):
+    envs = [gym.make("rllama/Blackjack-v0") for _ in range(2)]
+    cfg = TrainConfig(
+        algorithm="ppo",
+        action_mode="generate",
+        trainable="lora",
+        lora=LoraConfig(rank=2),
+        epochs=1,
+        sampling=SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=1.0),
+    )
+    state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
+    seen = []
+
+    def extract(reply: str):
+        seen.append(reply)
+        return None  # a random model's reply never parses: every turn falls back
+
+    rollout = Rollout(
+        envs,
+        tok,
+        MODEL,
+        cfg,
+        RolloutConfig(num_steps=3, prompt_len=256, fallback_action=0, parse_penalty=-0.5),
+        extract_action=extract,
+    )
+    state, batch = rollout.collect(state)
+    assert len(seen) == 6 and rollout.parse_failures == 6
+    # Fallback 0 = stay: every episode ends after one turn, reward in {-1, 0, 1} - 0.5.
+    assert batch.terminated.all()
+    assert set(np.unique(batch.rewards)) <= {-1.5, -0.5, 0.5}
+    assert batch.response_tokens.shape == (2, 3, 5) and batch.old_logp.shape == (2, 3, 5)
+    assert (batch.old_logp[~batch.response_mask.astype(bool)] == 0).all()
+    step = make_train_step(cfg, MODEL)
+    state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+    assert int(state.skipped) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_grpo_layout_one_episode_per_row_grouped_by_seed(tok):
+    envs = [gym.make("rllama/TMaze-v0", corridor_length=2) for _ in range(4)]
+    cfg = TrainConfig(algorithm="grpo", trainable="lora", lora=LoraConfig(rank=2), epochs=1)
+    state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
+    rollout = Rollout(
+        envs, tok, MODEL, cfg,
+        RolloutConfig(num_steps=6, prompt_len=128, candidate_len=3, group_size=2),
+    )  # fmt: skip
+    state, batch = rollout.collect(state)
+    np.testing.assert_array_equal(batch.group_ids, [0, 0, 1, 1])
+    # Rows of a group start from the same state (same cue).
+    assert decode_prompt(tok, batch, 0, 0) == decode_prompt(tok, batch, 1, 0)
+    assert decode_prompt(tok, batch, 2, 0) == decode_prompt(tok, batch, 3, 0)
+    # corridor 2 -> 4 turns, then padding turns that do not count.
+    assert batch.valid[:, :4].all() and not batch.valid[:, 4:].any()
+    assert batch.terminated[:, 3].all()
+    assert (batch.rewards[:, 4:] == 0).all()
+    step = make_train_step(cfg, MODEL)
+    state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+    assert int(state.skipped) == 0 and np.isfinite(float(metrics["loss"]))
+    # The next collect starts new groups from new seeds.
+    state, batch2 = rollout.collect(state)
+    assert batch2.valid[:, 0].all()

@@ -172,9 +172,19 @@ def _returns_and_advantages(batch: Batch, config: TrainConfig) -> tuple[jax.Arra
     return adv, ret
 
 
-def _write_episodic(state: TrainState, batch: Batch, returns: jax.Array, config: TrainConfig):
+def _write_episodic(state: TrainState, batch: Batch, config: TrainConfig):
+    """Writes every valid turn of the batch to episodic memory, with its discounted
+    Monte-Carlo return-to-go (the importance of a memory is |return|)."""
     if not config.memory.use_episodic or batch.memory_keys is None:
         return state.memory
+    valid = batch.valid.astype(jnp.float32)
+    rewards, discounts = fold_truncation_bootstrap(
+        batch.rewards.astype(jnp.float32) * valid,
+        discounts_from_dones(batch.terminated, config.gamma) * valid,
+        batch.truncated.astype(jnp.float32),
+        batch.final_values,
+    )
+    returns = discounted_returns(rewards, discounts, batch.bootstrap_value.astype(jnp.float32))
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
     return record_experience(
         state.memory,
@@ -294,7 +304,7 @@ def _on_policy_step(
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["skipped_updates"] = skipped
         metrics["advantage_mean"] = jnp.sum(adv) / jnp.maximum(jnp.sum(batch.valid), 1)
-        memory = _write_episodic(state, batch, ret, config)
+        memory = _write_episodic(state, batch, config)
         new_state = state.replace(
             trainable=trainable, opt_state=opt_state, skipped=skipped, rng=rng,
             step=state.step + 1, memory=memory,
