@@ -132,8 +132,11 @@ def _user_content_offset(tokenizer: Any, system_prompt: str) -> int:
 class Rollout:
     """Steps ``envs`` (text envs with ``info["candidates"]``) with the current policy.
 
-    extract_action: generate mode only, maps a reply to an env action (candidate index or
-    string); returning None or an action the env rejects counts as a parse failure.
+    extract_action: maps a reply (generate mode) or the chosen candidate string (score
+    mode) to the env's action; in generate mode returning None or an action the env rejects
+    counts as a parse failure. Without it, score mode passes the candidate index.
+    candidate_actions: candidate strings of an observation (default: ``info["candidates"]``).
+    format_observation / system_prompt: for envs whose observations are not text yet.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Rollout:
         format_observation: Callable[[Any], str] | None = None,
         system_prompt: str | None = None,
         seeds: list[int] | None = None,
+        candidate_actions: Callable[[Any], list[str] | None] | None = None,
     ) -> None:
         mcfg = train_config.memory
         if mcfg.enabled and mcfg.representation != "text":
@@ -160,6 +164,7 @@ class Rollout:
         self.train_config = train_config
         self.config = config
         self.extract_action = extract_action
+        self.candidate_actions = candidate_actions
         self.format_observation = format_observation or str
         self.system_prompt = system_prompt or envs[0].unwrapped.system_prompt
         self.pad_id = 0
@@ -175,10 +180,15 @@ class Rollout:
         for env, s in zip(envs, seeds, strict=True):
             o, info = env.reset(seed=s)
             self.raw_obs.append(o)
-            self.candidates.append(list(info.get("candidates", [])))
+            self.candidates.append(self._candidates(o, info))
         self.episode_returns = np.zeros(len(envs))
         self.finished_returns: list[float] = []
         self.parse_failures = 0
+
+    def _candidates(self, obs: Any, info: dict) -> list[str]:
+        if self.candidate_actions is not None:
+            return list(self.candidate_actions(obs) or [])
+        return list(info.get("candidates", []))
 
     # ------------------------------------------------------------------ host-side encoding
     def encode(self, raw_obs: list[Any], candidates: list[list[str]]) -> Observation:
@@ -246,6 +256,8 @@ class Rollout:
             if score:
                 actions = [int(a) for a in np.asarray(out.actions)]
                 action_texts = [self.candidates[i][a] for i, a in enumerate(actions)]
+                if self.extract_action is not None:
+                    actions = [self.extract_action(text) for text in action_texts]
             else:
                 replies = decode_responses(
                     self.tokenizer, np.asarray(out.response_tokens), np.asarray(out.response_mask)
@@ -272,14 +284,14 @@ class Rollout:
                     trunc = True  # the episode outlived the batch: bootstrap it
                     truncated[i, step] = True
                 if term or trunc:
-                    final_obs[i], final_cands[i] = o, list(info.get("candidates", []))
+                    final_obs[i], final_cands[i] = o, self._candidates(o, info)
                     self.finished_returns.append(float(self.episode_returns[i]))
                     self.episode_returns[i] = 0.0
                     if grouped:
                         active[i] = False
                     else:
                         o, info = env.reset()
-                self.raw_obs[i], self.candidates[i] = o, list(info.get("candidates", []))
+                self.raw_obs[i], self.candidates[i] = o, self._candidates(o, info)
             renders.append(step_texts)
             if truncated[:, step].any():
                 # Truncation is not termination: bootstrap from V(true final observation).
@@ -335,7 +347,7 @@ class Rollout:
         self._group_round += 1
         for i, env in enumerate(self.envs):
             o, info = env.reset(seed=base + i // g)
-            self.raw_obs[i], self.candidates[i] = o, list(info.get("candidates", []))
+            self.raw_obs[i], self.candidates[i] = o, self._candidates(o, info)
         self.episode_returns[:] = 0.0
 
     def _step(self, env: gym.Env, i: int, action: Any):

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from rllama_jax.models import ModelNotInstalledError, forward, load_pretrained, positions_from_mask
-from rllama_jax.models import loading
+from rllama_jax.models import (
+    ModelNotInstalledError,
+    forward,
+    load_pretrained,
+    loading,
+    positions_from_mask,
+)
 from rllama_jax.sampling import SamplingConfig, generate
 
 

@@ -1,0 +1,414 @@
+"""``RLlamaAgent``: the agent API of the RLlama README, backed by the jitted acting and
+training functions.
+
+Subclass it and implement ``get_system_prompt``, ``format_observation`` and
+``extract_action`` (and ``candidate_actions`` for score mode, where the LLM scores each
+candidate string instead of writing free text). Then either drive one environment yourself,
+exactly as the README's loop does::
+
+    action = agent.act(observation)
+    observation, reward, terminated, truncated, info = env.step(action)
+    agent.assign_reward(reward)
+    ...
+    metrics = agent.terminate_episode()   # trains once batch_size turns are collected
+
+or let ``agent.train(env_id, num_steps)`` run N environments batched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
+from rllama_jax.models import DEFAULT_MODEL, LlamaConfig, Params, load_pretrained
+from rllama_jax.models.lora import LoraConfig
+from rllama_jax.rollout import Rollout, RolloutConfig, act
+from rllama_jax.sampling import SamplingConfig
+from rllama_jax.tokenization import decode_responses
+from rllama_jax.train import Batch, TrainConfig, init_train_state, make_train_step
+from rllama_jax.train.batch import Observation
+
+
+@dataclasses.dataclass
+class _Turn:
+    obs: Observation  # [1, ...] as the policy saw it
+    action: np.ndarray | None
+    response_tokens: np.ndarray | None
+    response_mask: np.ndarray | None
+    logp: np.ndarray
+    value: float
+    key: np.ndarray
+    reward: float = 0.0
+    terminated: bool = False
+    truncated: bool = False
+
+
+class RLlamaAgent:
+    """An LLM agent trained online with PPO, DQN, A2C, SAC, REINFORCE or GRPO.
+
+    model: a model name / path for ``load_pretrained`` (default: the embedded
+        SmolLM2-135M-Instruct) or a ``(config, params, tokenizer)`` tuple.
+    algorithm: "ppo" | "dqn" | "a2c" | "sac" | "reinforce" | "grpo".
+    action_mode: "score" (needs ``candidate_actions``) or "generate"; default: "score" when
+        the subclass defines ``candidate_actions``, else "generate".
+    generation: LlamaGym's defaults (32 new tokens, top-p 0.6, temperature 0.9).
+    batch_size: turns collected before an update in the single-env API.
+    memory: "none" | "working" | "episodic" | "both", spliced into the prompt as text;
+        episodic_capacity / episodic_k / working_window / memory_tokens size it.
+    trainable: "lora" (default), "full" or "heads"; further ``TrainConfig`` fields go in
+        ``train_kwargs``.
+    """
+
+    def __init__(
+        self,
+        model: str | tuple[LlamaConfig, Params, Any] = DEFAULT_MODEL,
+        tokenizer: Any = None,
+        algorithm: str = "ppo",
+        *,
+        action_mode: str | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.9,
+        top_p: float = 0.6,
+        batch_size: int = 8,
+        memory: str = "none",
+        episodic_capacity: int = 256,
+        episodic_k: int = 2,
+        working_window: int = 4,
+        memory_tokens: int = 24,
+        trainable: str = "lora",
+        lora_rank: int = 16,
+        lora_alpha: float = 32.0,
+        prompt_len: int = 256,
+        max_actions: int = 8,
+        candidate_len: int = 8,
+        seed: int = 0,
+        **train_kwargs: Any,
+    ) -> None:
+        if isinstance(model, str):
+            self.model_config, params, tok = load_pretrained(model)
+        else:
+            self.model_config, params, tok = model
+        self.tokenizer = tokenizer if tokenizer is not None else tok
+        if self.tokenizer is None:
+            raise ValueError("a tokenizer is needed: pass tokenizer= or a model with one")
+        if action_mode is None:
+            has_candidates = type(self).candidate_actions is not RLlamaAgent.candidate_actions
+            action_mode = "score" if has_candidates else "generate"
+        eos = self.tokenizer.eos_token_id
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_token_ids=(eos,) if isinstance(eos, int) else (),
+        )
+        self.train_config = TrainConfig(
+            algorithm=algorithm,
+            action_mode=action_mode,
+            trainable=trainable,
+            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha),
+            sampling=sampling,
+            memory=self._memory_config(
+                memory, episodic_capacity, episodic_k, working_window, memory_tokens
+            ),
+            **train_kwargs,
+        )
+        self.rollout_config = RolloutConfig(
+            num_steps=batch_size,
+            prompt_len=prompt_len,
+            max_actions=max_actions,
+            candidate_len=candidate_len,
+        )
+        self.batch_size = batch_size
+        self.seed = seed
+        example = None
+        if self.train_config.off_policy:
+            example = self._transitions_example()
+        self.state = init_train_state(
+            self.train_config,
+            self.model_config,
+            params,
+            jax.random.key(seed),
+            num_envs=1,
+            replay_example=example,
+        )
+        self._train_step = make_train_step(self.train_config, self.model_config)
+        self._key = jax.random.key(seed + 1)
+        self._turns: list[_Turn] = []
+        self._episode: list[_Turn] = []
+        self._insert_at: np.ndarray | None = None
+        self._encoder: Rollout | None = None
+
+    # ------------------------------------------------------------------ subclass hooks
+    def get_system_prompt(self) -> str:
+        raise NotImplementedError("implement get_system_prompt()")
+
+    def format_observation(self, observation: Any) -> str:
+        raise NotImplementedError("implement format_observation(observation)")
+
+    def extract_action(self, response: str) -> Any:
+        raise NotImplementedError("implement extract_action(response)")
+
+    def candidate_actions(self, observation: Any) -> list[str] | None:
+        """Candidate action strings for score mode (default: none, generate mode)."""
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _memory_config(self, mode, capacity, k, window, tokens) -> MemoryConfig:
+        if mode == "none":
+            return MemoryConfig()
+        d = self.model_config.hidden_size
+        enc = lambda s: tuple(self.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+        return MemoryConfig(
+            mode=mode,
+            representation="text",
+            episodic=EpisodicConfig(capacity=capacity, key_dim=d, max_tokens=tokens, k=k),
+            working=WorkingConfig(window=window, max_tokens=tokens, key_dim=d),
+            episodic_header=enc("Relevant past experience:"),
+            working_header=enc(" Recent steps:"),
+            pad_id=0,
+        )
+
+    def _transitions_example(self):
+        from rllama_jax.train import Transitions
+
+        a, c, length = (
+            self.rollout_config.max_actions,
+            self.rollout_config.candidate_len,
+            self.rollout_config.prompt_len + self.train_config.memory.text_region_size,
+        )
+        obs = Observation(
+            jnp.zeros((1, length), jnp.int32),
+            jnp.zeros((1, length), jnp.int32),
+            jnp.zeros((1, a, c), jnp.int32),
+            jnp.zeros((1, a, c), jnp.int32),
+            jnp.zeros((1, a), bool),
+        )
+        z = jnp.zeros((1,))
+        return Transitions(obs, jnp.zeros((1,), jnp.int32), z, z, obs, jnp.zeros((1,), bool))
+
+    def _env_view(self) -> Any:
+        """A minimal stand-in env so ``Rollout``'s encoder serves the single-env API."""
+        agent = self
+
+        class _View:
+            unwrapped = type("U", (), {"system_prompt": agent.get_system_prompt()})()
+
+            def reset(self, seed=None):
+                return None, {"candidates": []}
+
+        return _View()
+
+    def _encode(self, observations: list[Any]) -> Observation:
+        if self._encoder is None:
+            self._encoder = Rollout(
+                [self._env_view()],
+                self.tokenizer,
+                self.model_config,
+                self.train_config,
+                self.rollout_config,
+                extract_action=self.extract_action,
+                format_observation=self.format_observation,
+                system_prompt=self.get_system_prompt(),
+            )
+        cands = [self.candidate_actions(o) or [] for o in observations]
+        if self.train_config.action_mode == "score" and not all(cands):
+            raise ValueError("score mode needs candidate_actions(observation) to return strings")
+        return self._encoder.encode(observations, cands), cands
+
+    # ------------------------------------------------------------------ acting
+    def act_batch(self, observations: list[Any]) -> list[Any]:
+        """One batched policy call for several observations; returns their env actions.
+
+        Turns are recorded only by ``act`` (the single-env training API)."""
+        actions, _ = self._act(observations)
+        return actions
+
+    def _act(self, observations: list[Any]):
+        obs, cands = self._encode(observations)
+        self._key, sub = jax.random.split(self._key)
+        insert_at = np.full(len(observations), self._encoder.insert_at[0], np.int32)
+        out = act(
+            self.state.trainable, self.state.frozen, self._memory_for(len(observations)),
+            obs, insert_at, sub, self.model_config, self.train_config,
+        )  # fmt: skip
+        if self.train_config.action_mode == "score":
+            idx = [int(a) for a in np.asarray(out.actions)]
+            texts = [cands[i][a] for i, a in enumerate(idx)]
+        else:
+            texts = decode_responses(
+                self.tokenizer, np.asarray(out.response_tokens), np.asarray(out.response_mask)
+            )
+        return [self.extract_action(t) for t in texts], out
+
+    def _memory_for(self, n: int):
+        memory = self.state.memory
+        if memory.working is not None and memory.working.valid.shape[0] != n:
+            raise ValueError("working memory is per environment: use act() for one env")
+        return memory
+
+    def act(self, observation: Any) -> Any:
+        """The action for one observation; the turn is recorded for training."""
+        self._finish_pending_turn()
+        (action,), out = self._act([observation])
+        score = self.train_config.action_mode == "score"
+        turn = _Turn(
+            obs=jax.tree.map(np.asarray, out.obs),
+            action=np.asarray(out.actions) if score else None,
+            response_tokens=None if score else np.asarray(out.response_tokens),
+            response_mask=None if score else np.asarray(out.response_mask),
+            logp=np.asarray(out.logp),
+            value=float(out.values[0]),
+            key=np.asarray(out.keys),
+        )
+        self._episode.append(turn)
+        self._pending = (observation, action)
+        return action
+
+    def assign_reward(self, reward: float) -> None:
+        """Adds ``reward`` to the last turn."""
+        if not self._episode:
+            raise RuntimeError("assign_reward() before any act()")
+        self._episode[-1].reward += float(reward)
+
+    def _finish_pending_turn(self, done: bool = False) -> None:
+        pending = getattr(self, "_pending", None)
+        if pending is None or not self.train_config.memory.use_working:
+            self._pending = None
+            return
+        from rllama_jax.rollout import _remember_step
+
+        obs, action = pending
+        turn = self._episode[-1]
+        text = f"{self.format_observation(obs)} -> {action} -> {turn.reward:+g}"
+        tokens, mask = self._encoder._render([text], self.train_config.memory.working.max_tokens)
+        memory = _remember_step(
+            self.state.memory, self.train_config.memory, tokens, mask, turn.key,
+            jnp.abs(jnp.asarray([turn.reward])), jnp.asarray([done]),
+        )  # fmt: skip
+        self.state = self.state.replace(memory=memory)
+        self._pending = None
+
+    def terminate_episode(self, truncated: bool = False) -> dict[str, float]:
+        """Ends the episode; trains when ``batch_size`` turns are collected and returns the
+        update's metrics (else ``{}``)."""
+        if not self._episode:
+            return {}
+        self._finish_pending_turn(done=True)
+        last = self._episode[-1]
+        last.terminated, last.truncated = not truncated, truncated
+        self._turns.extend(self._episode)
+        self._episode = []
+        if len(self._turns) < self.batch_size:
+            return {}
+        if self.train_config.off_policy:
+            raise NotImplementedError(
+                "DQN and SAC train from the batched loop: use agent.train(env, steps)"
+            )
+        batch = self._batch(self._turns[: self.batch_size])
+        self._turns = self._turns[self.batch_size :]
+        self.state, metrics = self._train_step(self.state, batch)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _batch(self, turns: list[_Turn]) -> Batch:
+        """Turns of one env laid out as a single row [1, T]."""
+        cat = lambda xs: np.concatenate(xs, axis=0)[None]  # noqa: E731
+        obs = jax.tree.map(lambda *xs: cat(xs), *[t.obs for t in turns])
+        score = self.train_config.action_mode == "score"
+        t = len(turns)
+        # A turn cut mid-episode (the batch filled up) is bootstrapped from its value.
+        return Batch(
+            obs=obs,
+            rewards=np.asarray([[x.reward for x in turns]], np.float32),
+            terminated=np.asarray([[x.terminated for x in turns]]),
+            truncated=np.asarray([[x.truncated for x in turns]]),
+            valid=np.ones((1, t), bool),
+            old_logp=cat([x.logp for x in turns]),
+            old_values=np.asarray([[x.value for x in turns]], np.float32),
+            final_values=np.zeros((1, t), np.float32),
+            bootstrap_value=np.zeros((1,), np.float32),
+            actions=cat([x.action for x in turns]) if score else None,
+            response_tokens=None if score else cat([x.response_tokens for x in turns]),
+            response_mask=None if score else cat([x.response_mask for x in turns]),
+            group_ids=np.zeros((1,), np.int32),
+        )
+
+    # ------------------------------------------------------------------ batched training
+    def train(
+        self, env: str | list[gym.Env], num_steps: int, num_envs: int = 8, **env_kwargs: Any
+    ) -> list[dict[str, float]]:
+        """Trains on ``num_envs`` environments stepped together for ``num_steps`` env steps
+        in total (rounded up to whole batches of ``num_envs * batch_size`` turns)."""
+        if self.train_config.off_policy:
+            raise NotImplementedError("the batched loop builds on-policy batches only so far")
+        envs = (
+            [gym.make(env, **env_kwargs) for _ in range(num_envs)] if isinstance(env, str) else env
+        )
+        if self.train_config.memory.use_working and self.state.memory.working.valid.shape[0] != len(
+            envs
+        ):
+            from rllama_jax.memory import init_memory
+
+            self.state = self.state.replace(
+                memory=init_memory(self.train_config.memory, len(envs)).replace(
+                    episodic=self.state.memory.episodic
+                )
+            )
+        has_candidates = type(self).candidate_actions is not RLlamaAgent.candidate_actions
+        rollout = Rollout(
+            envs, self.tokenizer, self.model_config, self.train_config, self.rollout_config,
+            seed=self.seed, extract_action=self.extract_action,
+            format_observation=self.format_observation, system_prompt=self.get_system_prompt(),
+            candidate_actions=self.candidate_actions if has_candidates else None,
+        )  # fmt: skip
+        history = []
+        per_batch = len(envs) * self.rollout_config.num_steps
+        for _ in range(-(-num_steps // per_batch)):
+            self.state, batch = rollout.collect(self.state)
+            self.state, metrics = self._train_step(self.state, jax.tree.map(jnp.asarray, batch))
+            recent = rollout.finished_returns[-100:]
+            history.append(
+                {
+                    **{k: float(v) for k, v in metrics.items()},
+                    "mean_return": float(np.mean(recent)) if recent else float("nan"),
+                    "parse_failures": rollout.parse_failures,
+                }
+            )
+        return history
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str) -> None:
+        """Saves parameters, optimizer, memory and configuration with orbax."""
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(path)
+        state = self.state.replace(rng=jax.random.key_data(self.state.rng))
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(path, "state"), state, force=True)
+        ckpt.wait_until_finished()
+        with open(os.path.join(path, "agent.json"), "w", encoding="utf-8") as f:
+            json.dump(
+                {"algorithm": self.train_config.algorithm, "seed": self.seed,
+                 "train_config": repr(self.train_config)},
+                f, indent=2,
+            )  # fmt: skip
+
+    def load(self, path: str) -> None:
+        """Restores a state saved by ``save`` into this (identically configured) agent."""
+        import orbax.checkpoint as ocp
+
+        path = os.path.abspath(path)
+        template = self.state.replace(rng=jax.random.key_data(self.state.rng))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), abstract)
+        self.state = restored.replace(rng=jax.random.wrap_key_data(restored.rng))
+
+
+Agent = RLlamaAgent

@@ -1,0 +1,118 @@
+"""The README's agent API end to end on a tiny random Llama (with the SmolLM2 tokenizer):
+the seed README's BlackjackAgent, in generate and score mode, through the single-env loop
+and the batched ``train`` helper, and save/load."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import jax
+import numpy as np
+import pytest
+
+import rllama_jax.envs  # noqa: F401
+from rllama_jax import RLlamaAgent
+from rllama_jax.models import LlamaConfig, init_params
+from rllama_jax.models.loading import default_model_dir, load_tokenizer
+
+MODEL = LlamaConfig(
+    vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+class BlackjackAgent(RLlamaAgent):
+    """Verbatim from the RLlama README."""
+
+    def get_system_prompt(self) -> str:
+        return """You are an expert blackjack player. Follow these rules:
+        1. ALWAYS hit if your total is 11 or below
+        2. With 12-16: hit if dealer shows 7+, stay if 6 or lower
+        3. ALWAYS stay if your total is 17+ without an ace
+        4. With a usable ace: hit if total is 17 or below"""
+
+    def format_observation(self, observation) -> str:
+        return f"Current hand total: {observation[0]}\nDealer's card: {observation[1]}\nUsable ace: {'yes' if observation[2] else 'no'}"
+
+    def extract_action(self, response: str):
+        return 0 if "stay" in response.lower() else 1
+
+
+class ScoringBlackjackAgent(BlackjackAgent):
+    def candidate_actions(self, observation) -> list[str]:
+        return ["stay", "hit"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = load_tokenizer(default_model_dir())
+    return lambda: (MODEL, init_params(MODEL, jax.random.key(0)), tok)
+
+
+def readme_loop(agent, episodes: int) -> list[dict]:
+    """The RLlama README's training loop, verbatim apart from the episode count."""
+    env = gym.make("Blackjack-v1")
+    results = []
+    for episode in range(episodes):
+        observation, info = env.reset(seed=episode)
+        done = False
+        while not done:
+            action = agent.act(observation)
+            observation, reward, terminated, truncated, info = env.step(action)
+            agent.assign_reward(reward)
+            done = terminated or truncated
+        results.append(agent.terminate_episode())
+    return results
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_readme_blackjack_loop_trains(tiny, mode):
+    cls = BlackjackAgent if mode == "generate" else ScoringBlackjackAgent
+    agent = cls(tiny(), algorithm="ppo", batch_size=4, max_new_tokens=6, lora_rank=2, epochs=1)
+    assert agent.train_config.action_mode == mode
+    before = jax.tree.map(np.asarray, agent.state.trainable)
+    results = readme_loop(agent, episodes=6)
+    updates = [r for r in results if r]
+    # Blackjack episodes last 1+ turns: 6 episodes give at least one batch of 4 turns.
+    assert updates, results
+    assert all(np.isfinite(r["loss"]) for r in updates)
+    assert int(agent.state.step) == len(updates)
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, np.asarray(b)), before, agent.state.trainable
+    )
+    assert any(jax.tree.leaves(changed))
+
+
+def test_batched_train_helper_and_memory(tiny):
+    agent = ScoringBlackjackAgent(
+        tiny(), algorithm="a2c", batch_size=3, trainable="heads", memory="both",
+        memory_tokens=16, epochs=1,
+    )  # fmt: skip
+    history = agent.train("Blackjack-v1", num_steps=12, num_envs=2)
+    assert len(history) == 2  # 12 steps / (2 envs x 3 turns)
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert np.isfinite(history[-1]["mean_return"])
+    # finished turns were written to episodic memory by train_step
+    assert int(agent.state.memory.episodic.valid.sum()) == 12
+
+
+def test_act_batch_and_save_load(tiny, tmp_path):
+    agent = ScoringBlackjackAgent(tiny(), algorithm="ppo", batch_size=2, lora_rank=2, epochs=1)
+    obs = [(20, 10, False), (5, 2, False), (13, 7, True)]
+    actions = agent.act_batch(obs)
+    assert len(actions) == 3 and set(actions) <= {0, 1}
+    readme_loop(agent, episodes=3)
+    agent.save(str(tmp_path / "ckpt"))
+    other = ScoringBlackjackAgent(tiny(), algorithm="ppo", batch_size=2, lora_rank=2, epochs=1)
+    other.load(str(tmp_path / "ckpt"))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.tree.map(np.asarray, agent.state.trainable),
+        jax.tree.map(np.asarray, other.state.trainable),
+    )
+    assert int(other.state.step) == int(agent.state.step)
+
+
+def test_score_mode_without_candidates_is_an_error(tiny):
+    agent = BlackjackAgent(tiny(), action_mode="score", lora_rank=2)
+    with pytest.raises(ValueError, match="candidate_actions"):
+        agent.act((20, 10, False))
