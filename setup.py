@@ -36,6 +36,10 @@ setup(
             "rlax>=0.1.9",
             "ruff>=0.17",
             "accelerate>=1.0",
+            "minigrid>=3.2.0",
+            "textworld>=1.7.0",
         ],
+        "babyai": ["minigrid>=3.2.0"],
+        "textworld": ["textworld>=1.7.0"],
     },
 )
