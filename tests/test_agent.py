@@ -4,6 +4,8 @@ and the batched ``train`` helper, and save/load."""
 
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import jax
 import numpy as np
@@ -116,3 +118,46 @@ def test_score_mode_without_candidates_is_an_error(tiny):
     agent = BlackjackAgent(tiny(), action_mode="score", lora_rank=2)
     with pytest.raises(ValueError, match="candidate_actions"):
         agent.act((20, 10, False))
+
+
+class TextWorldAgent(RLlamaAgent):
+    """From the RLlama README (one trailing space dropped)."""
+
+    def get_system_prompt(self) -> str:
+        return """You will be playing a text-based game. Here are some example commands:
+        'go west', 'inventory', 'drop teacup', 'examine broom', 'open door', 'look'."""
+
+    def format_observation(self, observation) -> str:
+        return observation.split("$$$$$$$ \n\n")[-1].strip()
+
+    def extract_action(self, response: str) -> str:
+        command_match = re.search(r"command: (.+?)(?=\n|$)", response, re.IGNORECASE)
+        return command_match.group(1) if command_match else "look"
+
+
+def test_readme_textworld_agent_runs_episodes(tiny):
+    agent = TextWorldAgent(
+        tiny(),
+        algorithm="reinforce",
+        batch_size=4,
+        max_new_tokens=8,
+        lora_rank=2,
+        epochs=1,
+        prompt_len=512,
+    )
+    env = gym.make("rllama/TextWorld-easy-v0", max_steps=3)
+    results = []
+    for episode in range(3):
+        observation, info = env.reset(seed=episode)
+        done = False
+        while not done:
+            action = agent.act(observation)
+            # A random model never writes "command: ...": the README's fallback is "look".
+            assert action == "look"
+            observation, reward, terminated, truncated, info = env.step(action)
+            agent.assign_reward(reward)
+            done = terminated or truncated
+        results.append(agent.terminate_episode(truncated=truncated and not terminated))
+    # 3 turns per episode, batches of 4: updates after episodes 2 (6 turns) and 3 (2 + 3).
+    assert [bool(r) for r in results] == [False, True, True]
+    assert int(agent.state.step) == 2 and np.isfinite(results[1]["loss"])
