@@ -309,10 +309,9 @@ class RLlamaAgent:
         if len(self._turns) < self.batch_size:
             return {}
         if self.train_config.off_policy:
-            raise NotImplementedError(
-                "DQN and SAC train from the batched loop: use agent.train(env, steps)"
-            )
-        batch = self._batch(self._turns[: self.batch_size])
+            batch = self._transitions(self._turns, self.batch_size)
+        else:
+            batch = self._batch(self._turns[: self.batch_size])
         self._turns = self._turns[self.batch_size :]
         self.state, metrics = self._train_step(self.state, batch)
         return {k: float(v) for k, v in metrics.items()}
@@ -340,14 +339,36 @@ class RLlamaAgent:
             group_ids=np.zeros((1,), np.int32),
         )
 
+    def _transitions(self, turns: list[_Turn], count: int):
+        """The first ``count`` turns as (s, a, r, s') rows. ``turns`` holds whole episodes,
+        so every turn's successor is known. The README loop never shows the agent the
+        observation that ends an episode, so a truncated episode's last turn is not
+        bootstrapped (discount 0), like a terminated one."""
+        from rllama_jax.train import Transitions
+
+        rows, nexts, discounts = [], [], []
+        for i in range(count):
+            turn = turns[i]
+            end = turn.terminated or turn.truncated
+            rows.append(turn)
+            nexts.append(turn.obs if end else turns[i + 1].obs)
+            discounts.append(0.0 if end else self.train_config.gamma)
+        cat = lambda xs: jnp.asarray(np.concatenate(xs, axis=0))  # noqa: E731
+        return Transitions(
+            obs=jax.tree.map(lambda *xs: cat(xs), *[t.obs for t in rows]),
+            actions=cat([t.action for t in rows]),
+            rewards=jnp.asarray([t.reward for t in rows], jnp.float32),
+            discounts=jnp.asarray(discounts, jnp.float32),
+            next_obs=jax.tree.map(lambda *xs: cat(xs), *nexts),
+            valid=jnp.ones((count,), bool),
+        )
+
     # ------------------------------------------------------------------ batched training
     def train(
         self, env: str | list[gym.Env], num_steps: int, num_envs: int = 8, **env_kwargs: Any
     ) -> list[dict[str, float]]:
         """Trains on ``num_envs`` environments stepped together for ``num_steps`` env steps
         in total (rounded up to whole batches of ``num_envs * batch_size`` turns)."""
-        if self.train_config.off_policy:
-            raise NotImplementedError("the batched loop builds on-policy batches only so far")
         envs = (
             [gym.make(env, **env_kwargs) for _ in range(num_envs)] if isinstance(env, str) else env
         )
@@ -371,7 +392,10 @@ class RLlamaAgent:
         history = []
         per_batch = len(envs) * self.rollout_config.num_steps
         for _ in range(-(-num_steps // per_batch)):
-            self.state, batch = rollout.collect(self.state)
+            if self.train_config.off_policy:
+                self.state, batch = rollout.collect_transitions(self.state)
+            else:
+                self.state, batch = rollout.collect(self.state)
             self.state, metrics = self._train_step(self.state, jax.tree.map(jnp.asarray, batch))
             recent = rollout.finished_returns[-100:]
             history.append(

@@ -31,7 +31,14 @@ from rllama_jax.memory import MemoryConfig, MemoryState, augment_prompt, end_epi
 from rllama_jax.models import LlamaConfig
 from rllama_jax.sampling import generate, prefill
 from rllama_jax.tokenization import chat_token_ids, decode_responses, encode_candidates, left_pad
-from rllama_jax.train import Batch, Observation, TrainConfig, TrainState, evaluate_score
+from rllama_jax.train import (
+    Batch,
+    Observation,
+    TrainConfig,
+    TrainState,
+    Transitions,
+    evaluate_score,
+)
 from rllama_jax.train.state import policy_params
 
 
@@ -230,8 +237,9 @@ class Rollout:
             self.model_config, self.train_config,
         )  # fmt: skip
 
-    def _value(self, state: TrainState, raw_obs: list[Any], candidates) -> np.ndarray:
-        return np.asarray(self._act(state, self.encode(raw_obs, candidates)).values)
+    def _look(self, state: TrainState, raw_obs: list[Any], candidates) -> ActOutput:
+        """The policy's view (memory spliced) and value of observations it will not act on."""
+        return self._act(state, self.encode(raw_obs, candidates))
 
     # ------------------------------------------------------------------ the loop
     def collect(self, state: TrainState) -> tuple[TrainState, Batch]:
@@ -245,6 +253,7 @@ class Rollout:
         if grouped:
             self._reset_groups()
         outs: list[ActOutput] = []
+        self._final_views: dict[int, ActOutput] = {}  # step -> view of truncated final obs
         rewards = np.zeros((n, t), np.float32)
         terminated = np.zeros((n, t), bool)
         truncated = np.zeros((n, t), bool)
@@ -295,8 +304,9 @@ class Rollout:
             renders.append(step_texts)
             if truncated[:, step].any():
                 # Truncation is not termination: bootstrap from V(true final observation).
-                v_final = self._value(state, final_obs, final_cands)
-                final_values[:, step] = np.where(truncated[:, step], v_final, 0.0)
+                view = self._look(state, final_obs, final_cands)
+                self._final_views[step] = view
+                final_values[:, step] = np.where(truncated[:, step], np.asarray(view.values), 0.0)
             if mcfg.use_working:
                 tokens, mask = self._render(step_texts, mcfg.working.max_tokens)
                 done = terminated[:, step] | truncated[:, step] | ~valid[:, step]
@@ -305,7 +315,8 @@ class Rollout:
                     jnp.abs(jnp.asarray(rewards[:, step])), jnp.asarray(done),
                 )  # fmt: skip
                 state = state.replace(memory=memory)
-        bootstrap = self._value(state, self.raw_obs, self.candidates)
+        self._next_view = self._look(state, self.raw_obs, self.candidates)
+        bootstrap = np.asarray(self._next_view.values)
         if grouped:
             bootstrap = np.zeros(n, np.float32)  # every row ended (truncations are folded)
         stack = lambda *xs: np.stack([np.asarray(x) for x in xs], axis=1)  # noqa: E731
@@ -336,6 +347,40 @@ class Rollout:
             **fields,
         )
         return state, batch
+
+    def collect_transitions(self, state: TrainState) -> tuple[TrainState, Transitions]:
+        """``collect``, laid out as off-policy (s, a, r, s') rows [N*T] for DQN/SAC.
+
+        s' is the next turn's observation; for a truncated episode, its true final
+        observation; for a terminated one the discount is 0 and s' is unused.
+        """
+        state, batch = self.collect(state)
+        n, t = batch.rewards.shape
+        obs = batch.obs
+        nxt = jax.tree.map(
+            lambda x, last: np.concatenate([x[:, 1:], np.asarray(last)[:, None]], axis=1),
+            obs,
+            self._next_view.obs,
+        )
+        for step, view in self._final_views.items():
+            rows = batch.truncated[:, step]
+
+            def put(x, v, step=step, rows=rows):
+                x = np.array(x)
+                x[rows, step] = np.asarray(v)[rows]
+                return x
+
+            nxt = jax.tree.map(put, nxt, view.obs)
+        flat = lambda x: np.asarray(x).reshape((n * t,) + np.asarray(x).shape[2:])  # noqa: E731
+        discounts = self.train_config.gamma * (1.0 - batch.terminated.astype(np.float32))
+        return state, Transitions(
+            obs=jax.tree.map(flat, obs),
+            actions=flat(batch.actions),
+            rewards=flat(batch.rewards),
+            discounts=flat(discounts),
+            next_obs=jax.tree.map(flat, nxt),
+            valid=flat(batch.valid),
+        )
 
     def _reset_groups(self) -> None:
         """Starts a fresh episode in every env; the G rows of a group share a seed."""

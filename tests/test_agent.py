@@ -161,3 +161,18 @@ def test_readme_textworld_agent_runs_episodes(tiny):
     # 3 turns per episode, batches of 4: updates after episodes 2 (6 turns) and 3 (2 + 3).
     assert [bool(r) for r in results] == [False, True, True]
     assert int(agent.state.step) == 2 and np.isfinite(results[1]["loss"])
+
+
+@pytest.mark.parametrize("algo", ["dqn", "sac"])
+def test_off_policy_agents_single_env_and_batched(tiny, algo):
+    agent = ScoringBlackjackAgent(
+        tiny(), algorithm=algo, batch_size=4, lora_rank=2, replay_capacity=64, replay_batch=8
+    )
+    results = readme_loop(agent, episodes=6)
+    updates = [r for r in results if r]
+    assert updates and all(np.isfinite(r["loss"]) for r in updates)
+    filled = int(agent.state.replay.valid.sum())
+    assert filled == 4 * len(updates)
+    history = agent.train("Blackjack-v1", num_steps=8, num_envs=2)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    assert int(agent.state.replay.valid.sum()) == filled + 2 * 4  # 2 envs x batch_size turns

@@ -209,3 +209,37 @@ def test_grpo_layout_one_episode_per_row_grouped_by_seed(tok):
     # The next collect starts new groups from new seeds.
     state, batch2 = rollout.collect(state)
     assert batch2.valid[:, 0].all()
+
+
+def test_off_policy_transitions_link_next_observations(tok):
+    envs = [gym.make("rllama/TMaze-v0", corridor_length=3, max_steps=2) for _ in range(2)]
+    cfg = TrainConfig(algorithm="dqn", trainable="heads")
+    rollout = Rollout(
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=3, prompt_len=128, candidate_len=3)
+    )
+    state = init_train_state(
+        cfg,
+        MODEL,
+        init_params(MODEL, jax.random.key(0)),
+        jax.random.key(1),
+        replay_example=_example(rollout),
+    )
+    state, tr = rollout.collect_transitions(state)
+    text = lambda o, i: tok.decode(o.prompt_tokens[i][o.prompt_mask[i].astype(bool)])  # noqa: E731
+    # Row-major [N*T]: env 0 has turns 0, 1, 2. Turn 0 -> its successor is turn 1's obs.
+    assert text(tr.next_obs, 0) == text(tr.obs, 1)
+    # Turn 1 is truncated (max_steps 2): s' is the true final observation (a corridor),
+    # not turn 2's observation (the next episode's signpost), and it is bootstrapped.
+    assert "corridor" in text(tr.next_obs, 1) and "signpost" in text(tr.obs, 2)
+    np.testing.assert_allclose(tr.discounts[:3], cfg.gamma)
+    assert tr.actions.shape == tr.rewards.shape == (6,)
+    step = make_train_step(cfg, MODEL)
+    state, metrics = step(state, jax.tree.map(jnp.asarray, tr))
+    assert int(state.replay.valid.sum()) == 6
+
+
+def _example(rollout):
+    obs = rollout.encode(rollout.raw_obs, rollout.candidates)
+    from rllama_jax.train import Transitions
+
+    return Transitions(obs, np.zeros(2, np.int32), np.zeros(2), np.zeros(2), obs, np.ones(2, bool))
