@@ -235,8 +235,8 @@ def test_sampled_logprobs_match_full_forward(tiny, name):
 )
 def test_sample_categorical_draws_from_processed_distribution(vocab, temperature, top_k, top_p):
     """Empirical frequencies of many draws from one row match exp(process_logits); nothing
-    outside the filtered support is ever drawn. Vocabularies below, above and at a multiple
-    of the sampling block."""
+    outside the filtered support is ever drawn. Vocabularies that are and are not a
+    multiple of the sampling block."""
     rows = 20000
     logits = jnp.asarray(np.random.default_rng(vocab).standard_normal((1, vocab)), jnp.float32)
     s = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -249,7 +249,7 @@ def test_sample_categorical_draws_from_processed_distribution(vocab, temperature
     counts = np.bincount(np.asarray(draws), minlength=vocab)
     assert counts.shape == (vocab,)  # no id out of range
     assert counts[~support].sum() == 0
-    # 5 binomial standard errors per token: fails for a wrong temperature, filter or block.
+    # 5 binomial standard errors per token: fails for a wrong block or in-block draw.
     se = np.sqrt(probs * (1 - probs) / rows)
     assert np.all(np.abs(counts / rows - probs) <= 5 * se + 1e-4)
 
