@@ -201,6 +201,49 @@ def test_top_p_on_large_vocabulary(flat_rows):
     np.testing.assert_allclose(ours[kept], ref[kept], atol=1e-5)
 
 
+def test_bisection_cutoff_equals_sorted_cutoff():
+    """The sort-free nucleus cutoff (used when the nucleus is larger than the top-k
+    candidates) is exactly the sorted one: flat, peaked and very peaked rows, ties, rows
+    holding -1e30 / -inf entries (already filtered tokens), and logits one ulp apart. The
+    top-p values keep the boundary away from an exact multiple of the flat rows' masses."""
+    from rllama_jax.sampling import _nucleus_cutoff, _nucleus_cutoff_bisect
+
+    rng = np.random.default_rng(2)
+    v = 500
+    rows = [s * rng.standard_normal(v) for s in (0.1, 1.0, 5.0, 50.0)]
+    rows.append(np.round(2 * rng.standard_normal(v)))  # many ties
+    rows.append(np.where(rng.random(v) < 0.5, -1e30, rng.standard_normal(v)))
+    rows.append(np.where(rng.random(v) < 0.5, -np.inf, 3 * rng.standard_normal(v)))
+    # Neighbouring float32 values plus one far away (a wide range of float keys): only a
+    # bisection run all the way to adjacent floats finds the cutoff.
+    rows.append(1.0 + np.arange(v) * np.spacing(np.float32(1.0)))
+    rows[-1][0] = -1e30
+    logits = jnp.asarray(np.stack(rows), jnp.float32)
+    log_norm = jax.nn.logsumexp(logits, -1, keepdims=True)
+    ordered = -jnp.sort(-logits, axis=-1)
+    bisect = jax.jit(_nucleus_cutoff_bisect)
+    for top_p in (0.0505, 0.4991, 0.9005, 0.999):
+        ref = _nucleus_cutoff(ordered, log_norm, top_p)
+        ours = bisect(logits, log_norm, top_p)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref), err_msg=f"{top_p}")
+        kept = np.asarray(logits >= ours).sum(-1)
+        assert kept.min() >= 1 and (top_p < 0.9 or kept.max() > 50)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's lowering")
+@pytest.mark.parametrize("top_k,top_p", [(10, 1.0), (10, 0.8), (0, 0.8)])
+def test_filters_compile_without_a_full_sort(top_k, top_p):
+    """XLA:CPU sorts the whole vocabulary (~300 ms for 32 x 49k) unless lax.top_k keeps its
+    fast kernel, which it does only when the whole top-k result is used. Guards that the
+    filters keep it, for sampling and for training-shaped [B, T, V] logits."""
+    s = SamplingConfig(temperature=0.9, top_k=top_k, top_p=top_p)
+    for shape in [(2, 4096), (2, 3, 4096)]:
+        hlo = jax.jit(process_logits, static_argnums=1).lower(jnp.zeros(shape), s)
+        text = hlo.compile().as_text()
+        assert " sort(" not in text
+        assert "TopK" in text
+
+
 def test_greedy_logprobs_ignore_filters():
     """temperature 0 means argmax: its log-probs are the model's, whatever top-k/top-p say."""
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 30)), jnp.float32)
