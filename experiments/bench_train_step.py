@@ -5,14 +5,15 @@ tokens (N x (L + R) tokens per row, 32 x 256 by default), random token ids, ever
 One ``train_step`` with ``epochs=1`` is one pass over the batch: forward + backward + AdamW
 on each of ``--minibatches`` row slices (default 2: with 1, JAX full fine-tuning at 32 x 256
 needs ~21 GiB of XLA temporaries, more than this 23 GiB machine has free; both frameworks
-take the same minibatches). The PyTorch reference runs the same model (``transformers.LlamaForCausalLM``,
-same float32 weights) on the same tokens with a loss of the same shape (log-probs of the R
-reply tokens times advantages, plus an MSE value head on the last prompt hidden state),
-backward, gradient clipping and ``torch.optim.AdamW.step()``.
+take the same minibatches). The PyTorch reference runs the same model
+(``transformers.LlamaForCausalLM``, same float32 weights) on the same tokens with a loss of
+the same shape (log-probs of the R reply tokens times advantages, plus an MSE value head on
+the last prompt hidden state), backward, gradient clipping and ``torch.optim.AdamW.step()``.
 
 Each case runs in its own spawned process (``--isolate``), so its peak RSS is its own and
 no framework's thread pool or memory lingers into the next case. The peak fp32 matmul rate
-(jitted n x n @ n x n) is measured in the parent before and after the cases.
+(jitted n x n @ n x n, and torch.mm) is measured in the parent before and after the cases;
+"of peak" divides by the higher of the two medians.
 
 FLOP model (matmul FLOPs, 2 per multiply-add; ``LlamaConfig.flops_per_token``):
   forward = N (L + R) * layers(ctx) + N R * lm_head, ctx = (L + R + 1) / 2 (causal average;
@@ -30,7 +31,8 @@ log-probs go through the top-p filter, whose cutoff sorts the whole vocabulary f
 when any row's nucleus exceeds the top-k candidates. jax_*_nofilter use temperature 1 and
 top-p 1 (a plain log-softmax, as the PyTorch loss does): the like-for-like comparison.
 
-python experiments/bench_train_step.py --batch=32 --prompt_len=192 --response_len=64 --repeats=3
+python experiments/bench_train_step.py --batch=32 --prompt_len=192 --response_len=64 \
+    --minibatches=2 --repeats=3
 """
 
 from __future__ import annotations
