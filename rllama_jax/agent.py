@@ -27,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
+from rllama_jax.memory import (
+    EpisodicConfig,
+    LatentConfig,
+    MemoryConfig,
+    WorkingConfig,
+    init_memory,
+    latent_inputs,
+)
 from rllama_jax.models import DEFAULT_MODEL, LlamaConfig, Params, load_pretrained
 from rllama_jax.models.lora import LoraConfig
 from rllama_jax.rollout import Rollout, RolloutConfig, act
@@ -61,8 +68,11 @@ class RLlamaAgent:
         the subclass defines ``candidate_actions``, else "generate".
     generation: LlamaGym's defaults (32 new tokens, top-p 0.6, temperature 0.9).
     batch_size: turns collected before an update in the single-env API.
-    memory: "none" | "working" | "episodic" | "both", spliced into the prompt as text;
-        episodic_capacity / episodic_k / working_window / memory_tokens size it.
+    memory: "none" | "working" | "episodic" | "both"; episodic_capacity / episodic_k /
+        working_window / memory_tokens (tokens per remembered step) size it.
+    memory_mode: how memory reaches the LLM: "text" (spliced into the prompt) or "latent"
+        (``latent_slots`` soft-prompt vectors from a trainable adapter of width
+        ``latent_dim``, spliced where the text would go and trained with the policy).
     trainable: "lora" (default), "full" or "heads"; further ``TrainConfig`` fields go in
         ``train_kwargs``.
     """
@@ -83,6 +93,9 @@ class RLlamaAgent:
         episodic_k: int = 2,
         working_window: int = 4,
         memory_tokens: int = 24,
+        memory_mode: str = "text",
+        latent_slots: int = 4,
+        latent_dim: int = 128,
         trainable: str = "lora",
         lora_rank: int = 16,
         lora_alpha: float = 32.0,
@@ -116,8 +129,15 @@ class RLlamaAgent:
             lora=LoraConfig(rank=lora_rank, alpha=lora_alpha),
             sampling=sampling,
             memory=self._memory_config(
-                memory, episodic_capacity, episodic_k, working_window, memory_tokens
-            ),
+                memory,
+                episodic_capacity,
+                episodic_k,
+                working_window,
+                memory_tokens,
+                memory_mode,
+                latent_slots,
+                latent_dim,
+            ),  # fmt: skip
             **train_kwargs,
         )
         self.rollout_config = RolloutConfig(
@@ -161,16 +181,31 @@ class RLlamaAgent:
         return None
 
     # ------------------------------------------------------------------ helpers
-    def _memory_config(self, mode, capacity, k, window, tokens) -> MemoryConfig:
+    def _memory_config(
+        self, mode, capacity, k, window, tokens, memory_mode, latent_slots, latent_dim
+    ) -> MemoryConfig:
+        if memory_mode not in ("text", "latent"):
+            raise ValueError(f"memory_mode must be 'text' or 'latent', got {memory_mode!r}")
         if mode == "none":
+            if memory_mode == "latent":
+                raise ValueError(
+                    "memory_mode='latent' needs a memory to read: pass memory='working', "
+                    "'episodic' or 'both' (memory is 'none')"
+                )
             return MemoryConfig()
         d = self.model_config.hidden_size
         enc = lambda s: tuple(self.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+        lcfg = None
+        if memory_mode == "latent":
+            lcfg = LatentConfig(
+                key_dim=d, hidden_size=d, num_slots=latent_slots, adapter_dim=latent_dim
+            )
         return MemoryConfig(
             mode=mode,
-            representation="text",
+            representation=memory_mode,
             episodic=EpisodicConfig(capacity=capacity, key_dim=d, max_tokens=tokens, k=k),
             working=WorkingConfig(window=window, max_tokens=tokens, key_dim=d),
+            latent=lcfg,
             episodic_header=enc("Relevant past experience:"),
             working_header=enc(" Recent steps:"),
             pad_id=0,
@@ -179,10 +214,11 @@ class RLlamaAgent:
     def _transitions_example(self):
         from rllama_jax.train import Transitions
 
+        mcfg = self.train_config.memory
         a, c, length = (
             self.rollout_config.max_actions,
             self.rollout_config.candidate_len,
-            self.rollout_config.prompt_len + self.train_config.memory.text_region_size,
+            self.rollout_config.prompt_len + mcfg.text_region_size + mcfg.num_soft_slots,
         )
         obs = Observation(
             jnp.zeros((1, length), jnp.int32),
@@ -191,6 +227,12 @@ class RLlamaAgent:
             jnp.zeros((1, a, c), jnp.int32),
             jnp.zeros((1, a), bool),
         )
+        if mcfg.latent_enabled:  # the memory read of an empty memory has the real shapes
+            query = jnp.zeros((1, self.model_config.hidden_size), jnp.float32)
+            obs = obs.replace(
+                soft_slots=jnp.full((1, length), -1, jnp.int32),
+                latent_memory=latent_inputs(init_memory(mcfg, 1), mcfg, query),
+            )
         z = jnp.zeros((1,))
         return Transitions(obs, jnp.zeros((1,), jnp.int32), z, z, obs, jnp.zeros((1,), bool))
 
@@ -375,8 +417,6 @@ class RLlamaAgent:
         if self.train_config.memory.use_working and self.state.memory.working.valid.shape[0] != len(
             envs
         ):
-            from rllama_jax.memory import init_memory
-
             self.state = self.state.replace(
                 memory=init_memory(self.train_config.memory, len(envs)).replace(
                     episodic=self.state.memory.episodic

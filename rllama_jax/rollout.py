@@ -6,12 +6,17 @@ compiled call (``act``): reading memory, splicing it into the prompt, and scorin
 or generating a reply. Prompts are padded to one fixed length and candidates to fixed
 (A, C), so ``act`` compiles once.
 
-Memory (text representation): the query is the hidden state at the last token of the
-memory-free prompt (a prefill inside the same compiled call); retrieved episodic entries and
-the env's recent steps are spliced into the user turn before the observation. After each env
-step the step's rendering enters working memory (cleared when the episode ends); the batch
-carries each turn's key and rendering so ``train_step`` writes them to episodic memory with
-their returns.
+Memory: the query is the hidden state at the last token of the memory-free prompt (a prefill
+inside the same compiled call). Text representation: retrieved episodic entries and the env's
+recent steps are spliced into the user turn before the observation. Latent representation:
+``M`` soft-prompt slots are spliced at that same place (the start of the user turn's content,
+after the system prompt and chat header), and the memory adapter, with the parameters of the
+call, turns the retrieved keys and the working summary into the vectors that fill them; the
+observation keeps the slot layout and the memory read (not the vectors) so ``train_step``
+rebuilds the identical input sequence with its current adapter. After each env step the step's
+rendering enters working memory (cleared when the episode ends); the batch carries each turn's
+key and rendering so ``train_step`` writes them to episodic memory with their returns. Both
+representations write memory the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rllama_jax.heads import apply_head
-from rllama_jax.memory import MemoryConfig, MemoryState, augment_prompt, end_episodes, record_step
+from rllama_jax.memory import (
+    MemoryConfig,
+    MemoryState,
+    augment_prompt,
+    end_episodes,
+    record_step,
+    splice_soft_slots,
+)
 from rllama_jax.models import LlamaConfig
 from rllama_jax.sampling import generate, prefill
 from rllama_jax.tokenization import chat_token_ids, decode_responses, encode_candidates, left_pad
@@ -38,8 +50,9 @@ from rllama_jax.train import (
     TrainState,
     Transitions,
     evaluate_score,
+    prompt_embeddings,
 )
-from rllama_jax.train.state import policy_params
+from rllama_jax.train.state import memory_adapter, policy_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +75,8 @@ class RolloutConfig:
 
 
 class ActOutput(NamedTuple):
-    """obs: the observation the policy saw (memory spliced in); actions: [B] (score mode);
+    """obs: the observation the policy saw (text memory or soft-prompt slots and the latent
+    memory read spliced in); actions: [B] (score mode);
     response_tokens, response_mask, logp: [B, N] (generate mode) or logp [B] (score mode);
     values: [B]; keys: [B, D] memory key of each observation."""
 
@@ -75,7 +89,7 @@ class ActOutput(NamedTuple):
     keys: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "config"))
+@functools.partial(jax.jit, static_argnames=("model_config", "config", "greedy"))
 def act(
     trainable: Any,
     frozen: Any,
@@ -85,25 +99,55 @@ def act(
     key: jax.Array,
     model_config: LlamaConfig,
     config: TrainConfig,
+    greedy: bool = False,
 ) -> ActOutput:
-    """One policy step for all envs: memory read and splice, then score or generate."""
+    """One policy step for all envs: memory read and splice, then score or generate.
+
+    greedy: take the most likely candidate (score mode) or decode at temperature 0
+    (generate mode) instead of sampling; for evaluation.
+
+    obs: memory-free observations [B, ...] (prompts [B, L]); insert_at: [B] where memory goes
+    in the unpadded prompt. Returns prompts [B, L+R] (text memory), [B, L+M] (latent) or
+    [B, L] (no memory) in ``ActOutput.obs``.
+    """
     model = policy_params(trainable, frozen, config)
+    adapter = memory_adapter(trainable)
     mcfg = config.memory
+    if mcfg.latent_enabled and adapter is None:
+        raise ValueError(
+            "latent memory needs trainable['memory_adapter']: build the state with "
+            "init_train_state for this TrainConfig"
+        )
     query = None
     if mcfg.enabled:
         hidden, _, _, _ = prefill(model, model_config, obs.prompt_tokens, obs.prompt_mask, 0)
         query = hidden.astype(jnp.float32)
-        tokens, mask = augment_prompt(
-            memory, mcfg, obs.prompt_tokens, obs.prompt_mask, insert_at, query
-        )
-        obs = obs.replace(prompt_tokens=tokens, prompt_mask=mask)
+        if mcfg.latent_enabled:
+            tokens, mask, slots, read = splice_soft_slots(
+                memory, mcfg, obs.prompt_tokens, obs.prompt_mask, insert_at, query
+            )
+            obs = obs.replace(
+                prompt_tokens=tokens, prompt_mask=mask, soft_slots=slots, latent_memory=read
+            )
+        else:
+            tokens, mask = augment_prompt(
+                memory, mcfg, obs.prompt_tokens, obs.prompt_mask, insert_at, query
+            )
+            obs = obs.replace(prompt_tokens=tokens, prompt_mask=mask)
     if config.action_mode == "score":
-        ev = evaluate_score(model, trainable["heads"], obs, model_config, config)
-        actions = jax.random.categorical(key, ev.log_probs).astype(jnp.int32)
+        ev = evaluate_score(model, trainable["heads"], obs, model_config, config, adapter)
+        if greedy:
+            actions = jnp.argmax(ev.log_probs, axis=-1).astype(jnp.int32)
+        else:
+            actions = jax.random.categorical(key, ev.log_probs).astype(jnp.int32)
         logp = jnp.take_along_axis(ev.log_probs, actions[:, None], axis=-1)[:, 0]
         keys = ev.prompt_hidden.astype(jnp.float32) if query is None else query
         return ActOutput(obs, actions, None, None, logp, ev.values, keys)
-    gen = generate(model, model_config, obs.prompt_tokens, obs.prompt_mask, key, config.sampling)
+    gen = generate(
+        model, model_config, obs.prompt_tokens, obs.prompt_mask, key,
+        dataclasses.replace(config.sampling, temperature=0.0) if greedy else config.sampling,
+        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+    )  # fmt: skip
     heads = trainable["heads"]
     values = (
         apply_head(heads["value"], gen.last_hidden)[..., 0]
@@ -144,6 +188,7 @@ class Rollout:
     counts as a parse failure. Without it, score mode passes the candidate index.
     candidate_actions: candidate strings of an observation (default: ``info["candidates"]``).
     format_observation / system_prompt: for envs whose observations are not text yet.
+    greedy: act with the most likely action / greedy decoding (evaluation) instead of sampling.
     """
 
     def __init__(
@@ -159,10 +204,14 @@ class Rollout:
         system_prompt: str | None = None,
         seeds: list[int] | None = None,
         candidate_actions: Callable[[Any], list[str] | None] | None = None,
+        greedy: bool = False,
     ) -> None:
         mcfg = train_config.memory
-        if mcfg.enabled and mcfg.representation != "text":
-            raise ValueError("the rollout splices memory as text; latent memory is not wired in")
+        if mcfg.latent_enabled and mcfg.latent.hidden_size != model_config.hidden_size:
+            raise ValueError(
+                f"LatentConfig.hidden_size={mcfg.latent.hidden_size} must equal the model's "
+                f"hidden_size={model_config.hidden_size}"
+            )
         if train_config.action_mode == "generate" and extract_action is None:
             raise ValueError("generate mode needs extract_action(reply) -> action")
         self.envs = envs
@@ -172,6 +221,7 @@ class Rollout:
         self.config = config
         self.extract_action = extract_action
         self.candidate_actions = candidate_actions
+        self.greedy = greedy
         self.format_observation = format_observation or str
         self.system_prompt = system_prompt or envs[0].unwrapped.system_prompt
         self.pad_id = 0
@@ -234,7 +284,7 @@ class Rollout:
         self.key, sub = jax.random.split(self.key)
         return act(
             state.trainable, state.frozen, state.memory, obs, self.insert_at, sub,
-            self.model_config, self.train_config,
+            self.model_config, self.train_config, self.greedy,
         )  # fmt: skip
 
     def _look(self, state: TrainState, raw_obs: list[Any], candidates) -> ActOutput:

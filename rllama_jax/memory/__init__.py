@@ -16,17 +16,20 @@ from rllama_jax.memory.config import (
     augment_prompt,
     end_episodes,
     init_memory,
+    latent_inputs,
     memory_region,
     record_experience,
     record_step,
     soft_prompt,
+    splice_soft_slots,
 )
 from rllama_jax.memory.episodic import EpisodicConfig, EpisodicMemory, Retrieved
 from rllama_jax.memory.inspect import render_memory
-from rllama_jax.memory.latent import LatentConfig
+from rllama_jax.memory.latent import AdapterInputs, LatentConfig
 from rllama_jax.memory.working import WorkingConfig, WorkingMemory
 
 __all__ = [
+    "AdapterInputs",
     "EpisodicConfig",
     "EpisodicMemory",
     "LatentConfig",
@@ -40,11 +43,13 @@ __all__ = [
     "episodic",
     "init_memory",
     "latent",
+    "latent_inputs",
     "memory_region",
     "prompt",
     "record_experience",
     "record_step",
     "render_memory",
     "soft_prompt",
+    "splice_soft_slots",
     "working",
 ]

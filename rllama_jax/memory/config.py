@@ -2,7 +2,8 @@
 
 ``MemoryConfig.mode`` selects which memories exist (``"none" | "working" | "episodic" |
 "both"``) and ``representation`` how they reach the policy (``"text"``: a fixed-size token region
-spliced into the prompt; ``"latent"``: soft-prompt vectors from a trainable adapter). The
+spliced into the prompt; ``"latent"``: ``M`` soft-prompt vectors from a trainable adapter, put
+in ``M`` slots spliced where the text region would go, i.e. before the observation). The
 decision is static: with mode ``"none"`` the state is ``MemoryState(None, None)`` (a pytree
 without leaves) and every function below returns its inputs untouched, so it adds nothing to
 the compiled graph. Disabled sections behave the same way individually.
@@ -55,8 +56,21 @@ class MemoryConfig:
             raise ValueError(f"mode {self.mode!r} needs an EpisodicConfig")
         if self.use_working and self.working is None:
             raise ValueError(f"mode {self.mode!r} needs a WorkingConfig")
-        if self.enabled and self.representation == "latent" and self.latent is None:
-            raise ValueError("representation 'latent' needs a LatentConfig")
+        if self.representation == "latent":
+            if not self.enabled:
+                raise ValueError(
+                    "representation 'latent' needs a memory to read: mode is 'none', use "
+                    "'working', 'episodic' or 'both' (or representation 'text')"
+                )
+            if self.latent is None:
+                raise ValueError("representation 'latent' needs a LatentConfig")
+            for name in ("episodic", "working"):
+                sub = getattr(self, name) if getattr(self, f"use_{name}") else None
+                if sub is not None and sub.key_dim != self.latent.key_dim:
+                    raise ValueError(
+                        f"LatentConfig.key_dim={self.latent.key_dim} must equal the {name} "
+                        f"memory's key_dim={sub.key_dim} (the adapter reads those keys)"
+                    )
         if self.use_episodic and self.use_working:
             if self.episodic.key_dim != self.working.key_dim:
                 raise ValueError("episodic and working key_dim must match (queries are shared)")
@@ -72,6 +86,16 @@ class MemoryConfig:
     @property
     def use_working(self) -> bool:
         return self.mode in ("working", "both")
+
+    @property
+    def latent_enabled(self) -> bool:
+        """Memory reaches the policy as soft-prompt vectors."""
+        return self.enabled and self.representation == "latent"
+
+    @property
+    def num_soft_slots(self) -> int:
+        """``M`` prompt slots of the latent representation (0 when it is off)."""
+        return self.latent.num_slots if self.latent_enabled else 0
 
     @property
     def text_region_size(self) -> int:
@@ -197,16 +221,12 @@ def augment_prompt(
     return prompt.splice(prompt_tokens, prompt_mask, region, region_mask, insert_at, config.pad_id)
 
 
-def soft_prompt(
-    state: MemoryState,
-    config: MemoryConfig,
-    adapter_params: latent.AdapterParams | None,
-    queries: jax.Array,
-    embed_scale: float | jax.Array = 1.0,
-) -> tuple[jax.Array, jax.Array] | None:
-    """Soft-prompt vectors [B, M, H] and mask [B, M] for latent mode; None otherwise."""
-    if not config.enabled or config.representation != "latent":
-        return None
+def latent_inputs(
+    state: MemoryState, config: MemoryConfig, queries: jax.Array
+) -> latent.AdapterInputs:
+    """What the latent adapter reads for queries [B, D]: top-k episodic keys [B, k, D] with
+    their validity [B, k] (one invalid zero key without episodic memory) and the working
+    summary [B, D] with [B] validity (None without working memory)."""
     b = queries.shape[0]
     if config.use_episodic:
         got = episodic.retrieve(state.episodic, config.episodic, queries)
@@ -218,4 +238,44 @@ def soft_prompt(
     if config.use_working:
         summary, _ = working.attention_read(state.working, queries, config.working.temperature)
         wm_valid = jnp.any(state.working.valid, axis=-1)
-    return latent.apply_adapter(adapter_params, keys, valid, summary, embed_scale, wm_valid)
+    return latent.AdapterInputs(keys=keys, valid=valid, summary=summary, summary_valid=wm_valid)
+
+
+def soft_prompt(
+    state: MemoryState,
+    config: MemoryConfig,
+    adapter_params: latent.AdapterParams | None,
+    queries: jax.Array,
+    embed_scale: float | jax.Array = 1.0,
+) -> tuple[jax.Array, jax.Array] | None:
+    """Soft-prompt vectors [B, M, H] and mask [B, M] for latent mode; None otherwise."""
+    if not config.latent_enabled:
+        return None
+    inputs = latent_inputs(state, config, queries)
+    return latent.apply_to_inputs(adapter_params, inputs, embed_scale)
+
+
+def splice_soft_slots(
+    state: MemoryState,
+    config: MemoryConfig,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    insert_at: jax.Array,
+    queries: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, latent.AdapterInputs]:
+    """Latent mode's counterpart of ``augment_prompt``: reads memory for queries [B, D] and
+    splices ``M`` soft-prompt slots into prompts [B, L] at ``insert_at`` [B].
+
+    Returns (tokens [B, L+M], mask [B, L+M], slots [B, L+M] soft-prompt index or -1, the
+    ``AdapterInputs`` [B, ...] to turn into vectors with ``latent.apply_to_inputs``). A row
+    with nothing to remember gets no slot (its mask is the memory-free prompt's).
+    """
+    if not config.latent_enabled:
+        raise ValueError("splice_soft_slots needs an enabled latent-mode memory")
+    inputs = latent_inputs(state, config, queries)
+    b, m = queries.shape[0], config.num_soft_slots
+    slot_mask = jnp.broadcast_to(latent.has_memory(inputs)[:, None], (b, m))
+    tokens, mask, slots = prompt.splice_slots(
+        prompt_tokens, prompt_mask, slot_mask, insert_at, config.pad_id
+    )
+    return tokens, mask, slots, inputs

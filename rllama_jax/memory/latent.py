@@ -12,6 +12,12 @@ into) the LLM's input embeddings. The adapter:
 
 Parameters are a plain dict of arrays (``init_adapter``) so they can live in the train state
 next to the LLM parameters and be updated by the same optimizer.
+
+In the environment loop (``rollout.act``) the memory read of each turn is kept as
+``AdapterInputs`` (retrieved keys, their validity, the working summary), never as the soft
+prompt itself: ``train_step`` re-applies the *current* adapter to them, so gradients reach the
+adapter. ``place_soft_prompt`` puts the vectors into the prompt's embedding sequence at the slot
+positions the act call chose (see ``prompt.splice_slots``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,32 @@ class LatentConfig:
     hidden_size: int = struct.field(pytree_node=False)
     num_slots: int = struct.field(pytree_node=False, default=4)
     adapter_dim: int = struct.field(pytree_node=False, default=128)
+
+    def __post_init__(self) -> None:
+        for name in ("key_dim", "hidden_size", "num_slots", "adapter_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LatentConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@struct.dataclass
+class AdapterInputs:
+    """What the adapter reads for one turn, with leading axes ``[...]`` (e.g. [B] or [N, T]).
+
+    Stored in the observation so a train step can recompute the soft prompt with the adapter
+    parameters it is differentiating.
+
+    Attributes:
+      keys: [..., k, D] float32 retrieved episodic keys (zeros where invalid; ``k = 1`` and
+        always invalid when episodic memory is off).
+      valid: [..., k] bool.
+      summary: [..., D] float32 working-memory summary, or None without working memory.
+      summary_valid: [...] bool, whether the env had a step in working memory (None without).
+    """
+
+    keys: jax.Array
+    valid: jax.Array
+    summary: jax.Array | None = None
+    summary_valid: jax.Array | None = None
 
 
 def _dense(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
@@ -124,3 +156,47 @@ def apply_adapter(
     out = out / rms * embed_scale
     soft_mask = jnp.broadcast_to(has_memory[:, None], (b, m))
     return jnp.where(soft_mask[..., None], out, 0.0), soft_mask
+
+
+def has_memory(inputs: AdapterInputs) -> jax.Array:
+    """[...] bool, rows with something to remember: exactly where ``apply_adapter``'s
+    ``soft_mask`` is true (computable without the adapter parameters)."""
+    present = jnp.any(inputs.valid.astype(bool), axis=-1)
+    if inputs.summary is None:
+        return present
+    if inputs.summary_valid is None:
+        return jnp.ones_like(present)
+    return present | inputs.summary_valid.astype(bool)
+
+
+def apply_to_inputs(
+    params: AdapterParams, inputs: AdapterInputs, embed_scale: float | jax.Array = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """``apply_adapter`` on stored ``AdapterInputs`` [B, ...]: (soft [B, M, H], mask [B, M])."""
+    return apply_adapter(
+        params, inputs.keys, inputs.valid, inputs.summary, embed_scale, inputs.summary_valid
+    )
+
+
+def embedding_rms(embed_matrix: jax.Array) -> jax.Array:
+    """[] RMS of the LLM's token embeddings [V, H]: the ``embed_scale`` soft prompts get.
+
+    A constant of the model for the adapter (no gradient flows into the embedding table)."""
+    x = jax.lax.stop_gradient(embed_matrix).astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def place_soft_prompt(
+    token_embeds: jax.Array, soft_prompt: jax.Array, slots: jax.Array
+) -> jax.Array:
+    """Input embeddings [B, L, H]: ``token_embeds`` with soft-prompt vector ``slots[b, t]``
+    at every position where ``slots`` [B, L] is >= 0 (-1 marks ordinary tokens).
+
+    soft_prompt: [B, M, H]; gradients flow into it through the gather."""
+    b, length, h = token_embeds.shape
+    chex.assert_shape(slots, (b, length))
+    chex.assert_shape(soft_prompt, (b, None, h))
+    picked = jnp.take_along_axis(
+        soft_prompt.astype(token_embeds.dtype), jnp.maximum(slots, 0)[..., None], axis=1
+    )
+    return jnp.where((slots >= 0)[..., None], picked, token_embeds)

@@ -193,6 +193,37 @@ def splice(
     return jnp.where(new_mask, new_tokens, pad_id), new_mask
 
 
+def splice_slots(
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    slot_mask: jax.Array,
+    insert_at: jax.Array,
+    pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Inserts ``M`` placeholder slots for soft-prompt vectors, exactly where ``splice`` would
+    put a text region, and re-left-pads.
+
+    Args:
+      prompt_tokens, prompt_mask: [B, L] left-padded prompts.
+      slot_mask: [B, M] bool, which slots exist (a row with nothing to remember has none).
+      insert_at: [B] valid prompt tokens placed before the slots (see ``splice``).
+      pad_id: token id written on padding and on the slots.
+
+    Returns:
+      tokens: [B, L+M] with ``pad_id`` on the slots; mask: [B, L+M] bool, true on real tokens
+      and existing slots; slots: [B, L+M] int32, the soft-prompt index ``j`` at slot
+      positions, -1 elsewhere (see ``latent.place_soft_prompt``).
+    """
+    b, m = slot_mask.shape
+    placeholders = jnp.full((b, m), pad_id, jnp.int32)
+    tokens, mask = splice(prompt_tokens, prompt_mask, placeholders, slot_mask, insert_at, pad_id)
+    # The same splice (same masks, so the same stable order) on slot indices instead of ids.
+    index = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
+    no_slot = jnp.full(prompt_tokens.shape, -1, jnp.int32)
+    slots, _ = splice(no_slot, prompt_mask, index, slot_mask, insert_at, -1)
+    return tokens, mask, slots
+
+
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """[B, T] int32 positions for a left-padded row: ``cumsum(mask) - 1``, 0 on padding."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

@@ -2,13 +2,14 @@
 ``train_step`` per algorithm."""
 
 from rllama_jax.train.batch import Batch, Observation, Transitions
-from rllama_jax.train.policy import evaluate_generate, evaluate_score
+from rllama_jax.train.policy import evaluate_generate, evaluate_score, prompt_embeddings
 from rllama_jax.train.replay import ReplayBuffer, init_replay
 from rllama_jax.train.state import (
     ALGORITHMS,
     TrainConfig,
     TrainState,
     init_train_state,
+    memory_adapter,
     policy_params,
     reference_params,
 )
@@ -29,6 +30,8 @@ __all__ = [
     "init_replay",
     "init_train_state",
     "make_train_step",
+    "memory_adapter",
     "policy_params",
+    "prompt_embeddings",
     "reference_params",
 ]

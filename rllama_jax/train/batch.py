@@ -5,14 +5,17 @@
 ``Transitions`` (off-policy: DQN, SAC) is a flat ``[M]`` set of (s, a, r, s') rows for the
 replay buffer. Fields a mode does not use are None.
 
-Shapes: L prompt tokens (left-padded), A candidate actions of C tokens (right-padded),
-R response tokens (generate mode), D hidden size, Lm memory-rendering tokens.
+Shapes: L prompt tokens (left-padded; with memory this includes the text region R or the
+M soft-prompt slots), A candidate actions of C tokens (right-padded), R response tokens
+(generate mode), D hidden size, Lm memory-rendering tokens, k retrieved episodic entries.
 """
 
 from __future__ import annotations
 
 import jax
 from flax import struct
+
+from rllama_jax.memory.latent import AdapterInputs
 
 
 @struct.dataclass
@@ -21,6 +24,13 @@ class Observation:
 
     prompt_tokens, prompt_mask: [..., L]; candidate_tokens, candidate_mask: [..., A, C]
     (score mode); action_mask: [..., A] which candidates exist.
+
+    Latent memory only (None otherwise): soft_slots [..., L] int32, the index of the
+    soft-prompt vector at each slot position (-1 on ordinary tokens; slot tokens are padding
+    ids and slots exist only on rows with something to remember); latent_memory: the memory
+    read at acting time (``AdapterInputs``: keys [..., k, D], valid [..., k], summary
+    [..., D], summary_valid [...]). The soft prompt itself is not stored: the train step
+    recomputes it with the current adapter (``policy.prompt_embeddings``).
     """
 
     prompt_tokens: jax.Array
@@ -28,6 +38,8 @@ class Observation:
     candidate_tokens: jax.Array | None = None
     candidate_mask: jax.Array | None = None
     action_mask: jax.Array | None = None
+    soft_slots: jax.Array | None = None
+    latent_memory: AdapterInputs | None = None
 
 
 @struct.dataclass

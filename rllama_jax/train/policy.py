@@ -2,6 +2,11 @@
 
 Used by acting (rollout) and by learning (``train_step``) alike, so both see the same
 policy. Inputs carry flat leading axes ``[M]``.
+
+With latent memory the observation carries soft-prompt slots and the memory read at acting
+time; ``prompt_embeddings`` turns them into the prompt's input embeddings with the adapter
+parameters it is given, so the acting call and the train step build the same sequence and the
+loss differentiates the adapter.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import jax.numpy as jnp
 
 from rllama_jax.heads import apply_head
 from rllama_jax.losses import categorical_entropy, masked_log_softmax, masked_logits
-from rllama_jax.models import LlamaConfig, Params
+from rllama_jax.memory import latent
+from rllama_jax.models import LlamaConfig, Params, embed
 from rllama_jax.sampling import score_candidates, sequence_logprobs
 from rllama_jax.train.batch import Observation
 from rllama_jax.train.state import TrainConfig
@@ -32,14 +38,43 @@ class ScoreEval(NamedTuple):
     prompt_hidden: jax.Array
 
 
+def prompt_embeddings(
+    model: Params,
+    adapter: latent.AdapterParams | None,
+    obs: Observation,
+    model_config: LlamaConfig,
+) -> jax.Array | None:
+    """Input embeddings [M, L, H] of ``obs``'s prompts with the soft prompt computed by
+    ``adapter`` from ``obs.latent_memory`` in the ``obs.soft_slots`` positions; None for an
+    observation without slots (the model then embeds the tokens itself).
+
+    The soft prompt is scaled to the RMS of the model's token embeddings."""
+    if obs.soft_slots is None:
+        return None
+    if adapter is None:
+        raise ValueError(
+            "this observation has latent-memory slots but no memory adapter was given: pass "
+            "adapter=trainable['memory_adapter'] (built by init_train_state for latent memory)"
+        )
+    if obs.latent_memory is None:
+        raise ValueError("observation has soft_slots but no latent_memory to fill them from")
+    scale = latent.embedding_rms(model["embed"])
+    soft, _ = latent.apply_to_inputs(adapter, obs.latent_memory, scale)
+    tokens = embed(model, obs.prompt_tokens, model_config)
+    return latent.place_soft_prompt(tokens, soft, obs.soft_slots)
+
+
 def evaluate_score(
     model: Params,
     heads: Params,
     obs: Observation,
     model_config: LlamaConfig,
     config: TrainConfig,
+    adapter: latent.AdapterParams | None = None,
 ) -> ScoreEval:
-    """Score-mode policy over candidate actions for observations [M, ...]."""
+    """Score-mode policy over candidate actions for observations [M, ...].
+
+    adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots."""
     s = score_candidates(
         model,
         model_config,
@@ -47,6 +82,7 @@ def evaluate_score(
         obs.prompt_mask,
         obs.candidate_tokens,
         obs.candidate_mask,
+        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
     )
     scores = s.logp_sum if config.score_reduction == "sum" else s.logp_mean
     logits = scores / config.policy_temperature
@@ -88,8 +124,11 @@ def evaluate_generate(
     response_mask: jax.Array,
     model_config: LlamaConfig,
     config: TrainConfig,
+    adapter: latent.AdapterParams | None = None,
 ) -> GenerateEval:
-    """Generate-mode policy: log-probs of a reply under the sampling distribution."""
+    """Generate-mode policy: log-probs of a reply [M, R] under the sampling distribution.
+
+    adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots."""
     logp, hidden = sequence_logprobs(
         model,
         model_config,
@@ -98,6 +137,7 @@ def evaluate_generate(
         response_tokens,
         response_mask,
         config.sampling,
+        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
     )
     values = (
         apply_head(heads["value"], hidden)[..., 0]

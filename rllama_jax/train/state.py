@@ -1,7 +1,8 @@
 """Training configuration and the ``TrainState`` pytree.
 
 ``TrainState`` holds everything a run changes: the trainable parameters (full model, LoRA
-adapters, or heads only), the optimizer state (of the trainable part only: frozen weights
+adapters, or heads only; plus the latent-memory adapter whenever memory is latent, in every
+``trainable`` mode), the optimizer state (of the trainable part only: frozen weights
 never enter it), the frozen base / reference weights, target copies for DQN/SAC, the replay
 buffer, the memory pytrees, an RNG key and counters. It is a plain pytree, so it is donated
 to the one jitted ``train_step`` and checkpointed as is.
@@ -26,7 +27,7 @@ from rllama_jax.losses import (
     ReinforceConfig,
     SACConfig,
 )
-from rllama_jax.memory import MemoryConfig, MemoryState, init_memory
+from rllama_jax.memory import MemoryConfig, MemoryState, init_memory, latent
 from rllama_jax.models import LlamaConfig, Params
 from rllama_jax.models.lora import LoraConfig, init_lora, with_lora
 from rllama_jax.sampling import SamplingConfig
@@ -131,7 +132,8 @@ class TrainConfig:
 
 @struct.dataclass
 class TrainState:
-    """trainable: {"model"? full params, "lora"? adapters, "heads": {...}, "log_alpha"? []};
+    """trainable: {"model"? full params, "lora"? adapters, "heads": {...}, "log_alpha"? [],
+    "memory_adapter"? latent-memory adapter (``latent.init_adapter``)};
     frozen: {"model"? base params (lora/heads), "ref_model"? reference copy (full + KL)};
     target: copy of ``trainable`` for DQN/SAC ({} otherwise); step, skipped: [] int32."""
 
@@ -147,7 +149,8 @@ class TrainState:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW on the model part, Adam with its own rate on heads; global-norm clipping."""
+    """AdamW on the model part, Adam with its own rate on heads and on the other freshly
+    initialised parts (latent-memory adapter, SAC temperature); global-norm clipping."""
 
     def labels(tree: Params) -> Params:
         return {
@@ -176,6 +179,11 @@ def policy_params(trainable: Params, frozen: Params, config: TrainConfig) -> Par
     if config.trainable == "lora":
         return with_lora(frozen["model"], trainable["lora"], config.lora)
     return frozen["model"]
+
+
+def memory_adapter(trainable: Params) -> latent.AdapterParams | None:
+    """The latent-memory adapter parameters (None when memory is not latent)."""
+    return trainable.get("memory_adapter")
 
 
 def reference_params(frozen: Params, config: TrainConfig) -> Params:
@@ -226,6 +234,15 @@ def init_train_state(
     }
     if config.algorithm == "sac":
         trainable["log_alpha"] = jnp.asarray(config.init_log_alpha, jnp.float32)
+    if config.memory.latent_enabled:
+        lcfg = config.memory.latent
+        if lcfg.hidden_size != model_config.hidden_size:
+            raise ValueError(
+                f"LatentConfig.hidden_size={lcfg.hidden_size} must equal the model's "
+                f"hidden_size={model_config.hidden_size} (soft prompts are input embeddings)"
+            )
+        # fold_in, not a 4th split: keys of the other parts stay what they were.
+        trainable["memory_adapter"] = latent.init_adapter(jax.random.fold_in(key, 3), lcfg)
     target = jax.tree.map(jnp.copy, trainable) if config.off_policy else {}
     replay = None
     if config.off_policy:

@@ -4,8 +4,12 @@ On-policy (PPO, A2C, REINFORCE, GRPO): returns and advantages over turns, a froz
 pass for KL penalties, then ``epochs`` x ``minibatches`` gradient steps in ``lax.scan``.
 Off-policy (DQN, SAC): the transitions enter the replay buffer held in the state, then
 ``updates_per_step`` gradient steps on sampled minibatches, each followed by a target update.
-Both write the batch's experiences to episodic memory when it is on. A non-finite loss or
-gradient skips that update (parameters and optimizer state unchanged) and counts it.
+Both write the batch's experiences to episodic memory when it is on. With latent memory the
+log-probs are recomputed from the memory read stored in each observation, through the current
+memory adapter (``trainable["memory_adapter"]``), which the loss therefore trains; the KL
+reference runs the reference LLM with the current adapter (as it uses the current heads).
+A non-finite loss or gradient skips that update (parameters and optimizer state unchanged)
+and counts it.
 
 The loss itself is a pure function of arrays (``rllama_jax.losses``); pass ``loss_fn`` to
 swap in your own without touching this module.
@@ -47,6 +51,7 @@ from rllama_jax.train.state import (
     TrainState,
     _needs_reference,
     make_optimizer,
+    memory_adapter,
     policy_params,
     reference_params,
 )
@@ -227,17 +232,19 @@ def _on_policy_step(
 ):
     score = config.action_mode == "score"
 
-    def policy_logp(model: Params, heads: Params, mb: dict) -> tuple[jax.Array, ...]:
-        """(logp [M, T'], mask [M, T'], entropy [M, T'] | None, values [M])."""
+    def policy_logp(model: Params, tr: Params, mb: dict) -> tuple[jax.Array, ...]:
+        """(logp [M, T'], mask [M, T'], entropy [M, T'] | None, values [M]) of the policy
+        running ``model`` with the heads and memory adapter of ``tr``."""
         valid = mb["valid"]
+        heads, adapter = tr["heads"], memory_adapter(tr)
         if score:
-            ev = evaluate_score(model, heads, mb["obs"], model_config, config)
+            ev = evaluate_score(model, heads, mb["obs"], model_config, config, adapter)
             logp = jnp.take_along_axis(ev.log_probs, mb["actions"][:, None], axis=-1)
             mask = valid[:, None]
             return logp, mask, ev.entropy[:, None], ev.values
         ev = evaluate_generate(
             model, heads, mb["obs"], mb["response_tokens"], mb["response_mask"],
-            model_config, config,
+            model_config, config, adapter,
         )  # fmt: skip
         mask = mb["response_mask"].astype(bool) & valid[:, None]
         return ev.token_logp, mask, None, ev.values
@@ -267,8 +274,9 @@ def _on_policy_step(
             data["response_mask"] = _flat(batch.response_mask)
         if _needs_reference(config):
             ref_model = reference_params(state.frozen, config)
-            heads = state.trainable["heads"]
-            data["ref_logp"] = jax.lax.stop_gradient(policy_logp(ref_model, heads, data)[0])
+            data["ref_logp"] = jax.lax.stop_gradient(
+                policy_logp(ref_model, state.trainable, data)[0]
+            )
 
         def grad_step(carry, idx):
             trainable, opt_state, skipped = carry
@@ -276,7 +284,7 @@ def _on_policy_step(
 
             def objective(tr: Params):
                 model = policy_params(tr, state.frozen, config)
-                logp, mask, entropy, values = policy_logp(model, tr["heads"], mb)
+                logp, mask, entropy, values = policy_logp(model, tr, mb)
                 inputs = LossInputs(
                     logp=logp, old_logp=mb["old_logp"], mask=mask,
                     ref_logp=mb.get("ref_logp"), entropy=entropy,
@@ -319,11 +327,17 @@ def _off_policy_step(
 ):
     def objective(trainable: Params, target: Params, frozen: Params, items: Transitions, w):
         model = policy_params(trainable, frozen, config)
-        ev = evaluate_score(model, trainable["heads"], items.obs, model_config, config)
-        nxt = evaluate_score(model, trainable["heads"], items.next_obs, model_config, config)
+        adapter = memory_adapter(trainable)
+        ev = evaluate_score(model, trainable["heads"], items.obs, model_config, config, adapter)
+        nxt = evaluate_score(
+            model, trainable["heads"], items.next_obs, model_config, config, adapter
+        )
         nxt = jax.lax.stop_gradient(nxt)
         target_model = policy_params(target, frozen, config)
-        tgt = evaluate_score(target_model, target["heads"], items.next_obs, model_config, config)
+        tgt = evaluate_score(
+            target_model, target["heads"], items.next_obs, model_config, config,
+            memory_adapter(target),
+        )  # fmt: skip
         tgt = jax.lax.stop_gradient(tgt)
         if config.algorithm == "dqn":
             return dqn_loss(
