@@ -1,0 +1,44 @@
+"""Train an LLM agent online: the project's main command.
+
+By default SmolLM2-135M-Instruct (embedded, no download) learns Blackjack with PPO in score
+mode (it ranks "stay"/"hit"), 32 environments batched, a LoRA adapter and a value head;
+progress bar, periodic greedy evaluation, metrics (JSONL + TensorBoard), checkpoints, and a
+summary table and learning-curve PNG at the end. Every setting is a flag (``--helpfull``);
+invalid combinations fail before anything is compiled. Re-running with the ``--workdir`` of
+an interrupted run resumes it.
+
+    python experiments/train.py
+    python experiments/train.py --env=tmaze --memory=working --model=tiny --total_steps=4096
+    python experiments/train.py --algo=dqn --trainable=heads --workdir=runs/bj-dqn
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from rllama_jax.experiment import run_experiment
+from rllama_jax.experiment.flags import config_from_flags, define_experiment_flags
+from rllama_jax.experiment.run import check_resumable
+
+define_experiment_flags()
+flags.DEFINE_integer("sigkill_at_update", 0, "Testing only: SIGKILL this process in that update.")
+flags.DEFINE_bool("progress", True, "Show the progress bar.")
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    cfg = config_from_flags()
+    try:
+        cfg.validate()
+        if cfg.workdir:
+            check_resumable(cfg)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    run_experiment(cfg, progress=FLAGS.progress, sigkill_at_update=FLAGS.sigkill_at_update)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,153 @@
+"""From an ``ExperimentConfig`` to the objects a run needs: model, configs, environments."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import jax
+
+import rllama_jax.envs  # noqa: F401  (registers the rllama/ environments)
+from rllama_jax.experiment.config import ExperimentConfig
+from rllama_jax.losses import (
+    A2CConfig,
+    DQNConfig,
+    GRPOConfig,
+    PPOConfig,
+    ReinforceConfig,
+    SACConfig,
+)
+from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
+from rllama_jax.memory.latent import LatentConfig
+from rllama_jax.models import LlamaConfig, Params, init_params, load_pretrained
+from rllama_jax.models.loading import default_model_dir, load_tokenizer
+from rllama_jax.models.lora import LoraConfig
+from rllama_jax.rollout import RolloutConfig
+from rllama_jax.sampling import SamplingConfig
+from rllama_jax.train import TrainConfig
+
+TINY_MODEL = "tiny"
+
+
+def tiny_model_config(vocab_size: int) -> LlamaConfig:
+    """The random 2-layer Llama used by tests, smoke runs and the T-maze checks."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def load_model(name: str, seed: int = 0) -> tuple[LlamaConfig, Params, Any]:
+    """``(config, params, tokenizer)``: ``"tiny"`` is a random 2-layer Llama with the default
+    model's tokenizer; anything else goes to ``load_pretrained``."""
+    if name == TINY_MODEL:
+        tokenizer = load_tokenizer(default_model_dir())
+        config = tiny_model_config(len(tokenizer))
+        return config, init_params(config, jax.random.key(seed)), tokenizer
+    return load_pretrained(name)
+
+
+def _token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def memory_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: Any) -> MemoryConfig:
+    """The agent's memory: which stores exist, their sizes, and text or latent delivery."""
+    if cfg.memory == "none":
+        return MemoryConfig()
+    d = model_config.hidden_size
+    latent = None
+    if cfg.memory_mode == "latent":
+        latent = LatentConfig(key_dim=d, hidden_size=d, num_slots=cfg.latent_slots)
+    return MemoryConfig(
+        mode=cfg.memory,
+        representation=cfg.memory_mode,
+        episodic=EpisodicConfig(
+            capacity=cfg.episodic_capacity, key_dim=d, max_tokens=cfg.memory_tokens,
+            k=cfg.episodic_k,
+        ),
+        working=WorkingConfig(window=cfg.working_window, max_tokens=cfg.memory_tokens, key_dim=d),
+        latent=latent,
+        episodic_header=_token_ids(tokenizer, "Relevant past experience:"),
+        working_header=_token_ids(tokenizer, " Recent steps:"),
+        pad_id=0,
+    )  # fmt: skip
+
+
+def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: Any) -> TrainConfig:
+    """The static ``TrainConfig`` of the run."""
+    eos = tokenizer.eos_token_id
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        stop_token_ids=(eos,) if isinstance(eos, int) else (),
+    )
+    return TrainConfig(
+        algorithm=cfg.algo,
+        action_mode=cfg.action_mode,
+        trainable=cfg.trainable,
+        lora=LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
+        learning_rate=cfg.learning_rate,
+        head_learning_rate=cfg.head_learning_rate,
+        max_grad_norm=cfg.max_grad_norm,
+        gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda,
+        n_step=cfg.n_step,
+        epochs=cfg.epochs,
+        minibatches=cfg.minibatches,
+        sampling=sampling,
+        ppo=PPOConfig(
+            clip_eps=cfg.clip_eps, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+            kl_coef=cfg.kl_coef,
+        ),
+        a2c=A2CConfig(vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef),
+        reinforce=ReinforceConfig(vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef),
+        grpo=GRPOConfig(clip_eps=cfg.clip_eps, beta=cfg.kl_coef),
+        dqn=DQNConfig(),
+        sac=SACConfig(),
+        tau=cfg.tau,
+        replay_capacity=cfg.replay_capacity,
+        replay_batch=cfg.replay_batch,
+        updates_per_step=cfg.updates_per_step,
+        memory=memory_config(cfg, model_config, tokenizer),
+    )  # fmt: skip
+
+
+def rollout_config(cfg: ExperimentConfig, *, num_steps: int | None = None) -> RolloutConfig:
+    """Prompt width, candidate layout and (GRPO) group size of the environment loop."""
+    return RolloutConfig(
+        num_steps=num_steps or cfg.steps_per_update,
+        prompt_len=cfg.effective_prompt_len,
+        max_actions=cfg.effective_max_actions,
+        candidate_len=cfg.effective_candidate_len,
+        group_size=cfg.group_size if cfg.algo == "grpo" else 0,
+    )
+
+
+def make_envs(cfg: ExperimentConfig, n: int) -> list[gym.Env]:
+    """``n`` fresh environments of the run's preset (or gymnasium id)."""
+    preset = cfg.preset
+    return [gym.make(preset.env_id, **dict(preset.kwargs)) for _ in range(n)]
+
+
+def _first_line(reply: str) -> str:
+    line = reply.strip().split("\n", 1)[0]
+    return re.sub(r"[\s.!\"'`]+$", "", line).strip()
+
+
+def extract_action(cfg: ExperimentConfig) -> Callable[[str], Any]:
+    """Reply -> action for generate mode: the preset's parser, else the reply's first line
+    (the env matches it against its candidates; a mismatch is a counted parse failure)."""
+    return cfg.preset.extract_action or _first_line
+
+
+def transitions_example(tcfg: TrainConfig, rcfg: RolloutConfig) -> Any:
+    """One all-zero ``Transitions`` row fixing the replay buffer's shapes (DQN, SAC)."""
+    from types import SimpleNamespace
+
+    from rllama_jax.agent import RLlamaAgent
+
+    return RLlamaAgent._transitions_example(SimpleNamespace(train_config=tcfg, rollout_config=rcfg))

@@ -1,0 +1,246 @@
+"""``ExperimentConfig``: every setting of a training run, one flat dataclass.
+
+The launcher defines one absl flag per field (``experiments/train.py``), the ablation runner
+overrides fields per grid cell, and the run's workdir keeps the config as JSON so a resumed
+run can check that it continues the same experiment. ``validate`` catches invalid
+combinations before any model is loaded or compiled, with a one-line explanation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from rllama_jax.envs.blackjack import blackjack_extract_action
+from rllama_jax.train.state import ACTION_MODES, ALGORITHMS, OFF_POLICY, TRAINABLE
+
+MEMORY_SETTINGS = ("none", "working", "episodic", "both")
+MEMORY_MODES = ("text", "latent")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvPreset:
+    """How the launcher runs one environment: its gymnasium id and keyword arguments, the
+    fixed prompt width (tokens before memory), candidate layout, and how a generated reply
+    becomes an action (None: the reply's first line, matched against the candidates)."""
+
+    env_id: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    prompt_len: int = 192
+    max_actions: int = 2
+    candidate_len: int = 4
+    extract_action: Any = None
+
+
+ENV_PRESETS: dict[str, EnvPreset] = {
+    "blackjack": EnvPreset(
+        "rllama/Blackjack-v0", prompt_len=160, candidate_len=2,
+        extract_action=blackjack_extract_action,
+    ),
+    "tmaze": EnvPreset(
+        "rllama/TMaze-v0", (("corridor_length", 2),), prompt_len=128, candidate_len=3
+    ),
+    "bandit": EnvPreset("rllama/KeyedBandit-v0", prompt_len=160, max_actions=4),
+    "babyai-goto": EnvPreset(
+        "rllama/BabyAI-GoToLocal-v0", (("max_steps", 32),), prompt_len=320, max_actions=6
+    ),
+    "babyai-mixed": EnvPreset(
+        "rllama/BabyAI-MixedTrainLocal-v0", (("max_steps", 32),), prompt_len=320, max_actions=6
+    ),
+    "textworld-easy": EnvPreset(
+        "rllama/TextWorld-easy-v0", (("max_steps", 20),), prompt_len=512, max_actions=16,
+        candidate_len=8,
+    ),
+}  # fmt: skip
+
+
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One training run. Field help strings double as the launcher's flag help."""
+
+    # What to train.
+    env: str = _field("blackjack", f"Env preset ({', '.join(ENV_PRESETS)}) or a gymnasium id.")
+    algo: str = _field("ppo", "RL algorithm.", ALGORITHMS)
+    model: str = _field(
+        "smollm2-135m-instruct",
+        "Embedded default, 'tiny' (random 2-layer Llama), a hub id or a local directory.",
+    )
+    action_mode: str = _field("score", "Rank candidate actions or generate a reply.", ACTION_MODES)
+    trainable: str = _field("lora", "What the optimizer updates.", TRAINABLE)
+    lora_rank: int = _field(8, "LoRA rank (trainable=lora).")
+    lora_alpha: float = _field(16.0, "LoRA alpha (trainable=lora).")
+    # Memory.
+    memory: str = _field("none", "Which memories the agent has.", MEMORY_SETTINGS)
+    memory_mode: str = _field("text", "How memory reaches the LLM.", MEMORY_MODES)
+    episodic_capacity: int = _field(256, "Episodic memory entries per agent.")
+    episodic_k: int = _field(2, "Episodic entries retrieved per step.")
+    working_window: int = _field(3, "Recent steps kept in working memory.")
+    memory_tokens: int = _field(16, "Tokens per memory entry (text mode).")
+    latent_slots: int = _field(4, "Soft-prompt vectors (memory_mode=latent).")
+    # The loop.
+    num_envs: int = _field(32, "Environments stepped together (one act call for all).")
+    steps_per_update: int = _field(4, "Turns per environment collected per update (T).")
+    total_steps: int = _field(24576, "Environment steps to train for (rounded up to updates).")
+    prompt_len: int = _field(0, "Prompt width in tokens before memory; 0: the env preset's.")
+    max_actions: int = _field(0, "Candidate slots (score mode); 0: the env preset's.")
+    candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
+    # Optimisation.
+    learning_rate: float = _field(3e-4, "Learning rate of the LLM part (full/lora).")
+    head_learning_rate: float = _field(1e-3, "Learning rate of value/Q/policy heads.")
+    max_grad_norm: float = _field(1.0, "Global gradient-norm clip.")
+    gamma: float = _field(1.0, "Discount.")
+    gae_lambda: float = _field(0.95, "GAE lambda (PPO, A2C).")
+    n_step: int = _field(5, "Bootstrapping horizon of A2C returns.")
+    epochs: int = _field(2, "Passes over each batch (PPO, GRPO).")
+    minibatches: int = _field(2, "Minibatches per pass; must divide num_envs x steps_per_update.")
+    clip_eps: float = _field(0.2, "PPO/GRPO ratio clip.")
+    ent_coef: float = _field(0.01, "Entropy bonus (PPO, A2C, REINFORCE).")
+    vf_coef: float = _field(0.5, "Value loss weight.")
+    kl_coef: float = _field(0.0, "KL penalty to the reference model (PPO kl_coef, GRPO beta).")
+    group_size: int = _field(8, "GRPO: environments per seed group.")
+    replay_capacity: int = _field(4096, "Replay buffer size (DQN, SAC).")
+    replay_batch: int = _field(64, "Replay minibatch (DQN, SAC).")
+    updates_per_step: int = _field(2, "Gradient steps per collected batch (DQN, SAC).")
+    tau: float = _field(0.05, "Polyak rate of target networks (DQN, SAC).")
+    # Generation (generate mode).
+    max_new_tokens: int = _field(8, "Reply length cap.")
+    temperature: float = _field(0.9, "Sampling temperature.")
+    top_p: float = _field(0.6, "Nucleus sampling mass.")
+    # Bookkeeping.
+    seed: int = _field(0, "Seed of parameters, envs and sampling.")
+    workdir: str = _field("", "Run directory (metrics, checkpoints, plots); resumed if present.")
+    eval_every: int = _field(8, "Greedy evaluation every this many updates (0: only at the end).")
+    eval_episodes: int = _field(256, "Episodes per evaluation.")
+    eval_envs: int = _field(64, "Environments stepped together during evaluation.")
+    checkpoint_every: int = _field(4, "Checkpoint every this many updates (0: only at the end).")
+    keep_checkpoints: int = _field(2, "Checkpoints kept on disk.")
+    wandb_project: str = _field("", "Also log to this Weights & Biases project (needs wandb).")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def preset(self) -> EnvPreset:
+        """The env preset, or a plain one for a gymnasium id."""
+        return ENV_PRESETS.get(self.env, EnvPreset(self.env))
+
+    @property
+    def effective_prompt_len(self) -> int:
+        return self.prompt_len or self.preset.prompt_len
+
+    @property
+    def effective_max_actions(self) -> int:
+        return self.max_actions or self.preset.max_actions
+
+    @property
+    def effective_candidate_len(self) -> int:
+        return self.candidate_len or self.preset.candidate_len
+
+    @property
+    def steps_per_batch(self) -> int:
+        return self.num_envs * self.steps_per_update
+
+    @property
+    def num_updates(self) -> int:
+        return -(-self.total_steps // self.steps_per_batch)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raises ``ValueError`` with a one-line reason for an invalid combination."""
+        for name in ("algo", "action_mode", "trainable", "memory", "memory_mode"):
+            choices = _choices(name)
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {choices}")
+        if self.algo in OFF_POLICY and self.action_mode != "score":
+            raise ValueError(
+                f"--algo={self.algo} needs --action_mode=score: its Q-values are over "
+                "candidate actions, a generated reply has none"
+            )
+        if self.trainable == "heads" and self.action_mode == "generate":
+            raise ValueError(
+                "--trainable=heads with --action_mode=generate would leave the policy frozen "
+                "(heads do not write text); use lora or full"
+            )
+        if self.memory_mode == "latent" and self.memory == "none":
+            raise ValueError("--memory_mode=latent needs a memory: set --memory to working/"
+                             "episodic/both")  # fmt: skip
+        positive = ("num_envs", "steps_per_update", "total_steps", "epochs", "minibatches",
+                    "eval_episodes", "eval_envs", "keep_checkpoints")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.algo not in OFF_POLICY and self.steps_per_batch % self.minibatches:
+            raise ValueError(
+                f"a batch of --num_envs x --steps_per_update = {self.steps_per_batch} turns is "
+                f"not divisible by --minibatches={self.minibatches}"
+            )
+        if self.algo == "grpo" and (self.group_size < 2 or self.num_envs % self.group_size):
+            raise ValueError(
+                f"--algo=grpo needs --group_size >= 2 dividing --num_envs={self.num_envs}, "
+                f"got {self.group_size}"
+            )
+        if self.algo in OFF_POLICY and self.replay_batch > self.replay_capacity:
+            raise ValueError(
+                f"--replay_batch={self.replay_batch} exceeds --replay_capacity="
+                f"{self.replay_capacity}"
+            )
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError("--temperature must be >= 0 and --top_p in (0, 1]")
+        if self.env not in ENV_PRESETS and "/" not in self.env and "-v" not in self.env:
+            raise ValueError(
+                f"--env={self.env!r} is neither a preset ({', '.join(ENV_PRESETS)}) nor a "
+                "gymnasium id"
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExperimentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown experiment settings {unknown}")
+        return cls(**data)
+
+    def save(self, workdir: str) -> None:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, workdir: str) -> ExperimentConfig:
+        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+            return cls.from_json(json.load(f))
+
+
+# Settings a resumed run may change without breaking the experiment it continues.
+RESUMABLE_CHANGES = frozenset(
+    {"total_steps", "workdir", "eval_every", "eval_episodes", "eval_envs", "checkpoint_every",
+     "keep_checkpoints", "wandb_project"}
+)  # fmt: skip
+
+
+def incompatible_changes(saved: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """Fields whose change would make a resumed run a different experiment."""
+    return [
+        f.name
+        for f in dataclasses.fields(ExperimentConfig)
+        if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(new, f.name)
+    ]
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name == name:
+            return f.metadata["choices"]
+    raise KeyError(name)

@@ -1,0 +1,232 @@
+"""The training run behind ``experiments/train.py``: collect, update, evaluate, log,
+checkpoint, resume.
+
+``run_experiment(cfg)`` trains for ``cfg.total_steps`` environment steps in updates of
+``num_envs x steps_per_update`` turns. The workdir holds ``config.json``, ``metrics.jsonl``,
+TensorBoard events, orbax checkpoints, ``summary.json`` and ``learning_curve.png``. Given
+the workdir of an interrupted run it resumes from the last checkpoint (after checking the
+settings describe the same experiment) and, for picklable environments, ends with the same
+parameters as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from rllama_jax.experiment.build import (
+    extract_action,
+    load_model,
+    make_envs,
+    rollout_config,
+    train_config,
+    transitions_example,
+)
+from rllama_jax.experiment.checkpoint import (
+    RunCheckpointer,
+    restore_rollout_host_state,
+    rollout_host_state,
+)
+from rllama_jax.experiment.config import ExperimentConfig, incompatible_changes
+from rllama_jax.experiment.evaluation import EvalResult, evaluate
+from rllama_jax.experiment.metrics import MetricsWriter, plot_learning_curve
+from rllama_jax.rollout import Rollout
+from rllama_jax.train import init_train_state, make_train_step
+
+RECENT_EPISODES = 100
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run reports (also written to ``workdir/summary.json``)."""
+
+    workdir: str
+    updates: int
+    env_steps: int
+    episodes: int
+    train_return: float
+    eval_return: float
+    eval_return_se: float
+    seconds: float
+    compile_seconds: float
+
+    def table(self, cfg: ExperimentConfig) -> str:
+        rows = [
+            ("environment", cfg.env), ("algorithm", cfg.algo), ("model", cfg.model),
+            ("trainable", cfg.trainable), ("memory", f"{cfg.memory} ({cfg.memory_mode})"),
+            ("updates", self.updates), ("environment steps", self.env_steps),
+            ("episodes", self.episodes),
+            (f"train return (last {RECENT_EPISODES} episodes)", f"{self.train_return:+.3f}"),
+            (f"greedy eval return ({cfg.eval_episodes} episodes)",
+             f"{self.eval_return:+.3f} ± {self.eval_return_se:.3f}"),
+            ("wall time", f"{self.seconds:.0f} s (first-update compile {self.compile_seconds:.0f} s)"),
+            ("workdir", self.workdir),
+        ]  # fmt: skip
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def default_workdir(cfg: ExperimentConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", f"{cfg.env}-{cfg.algo}-{cfg.memory}-s{cfg.seed}-{stamp}")
+
+
+def check_resumable(cfg: ExperimentConfig) -> bool:
+    """True if ``cfg.workdir`` holds a run to resume; raises if it is a different experiment
+    (before anything in it is touched)."""
+    path = os.path.join(cfg.workdir, "config.json")
+    if not os.path.exists(path):
+        return False
+    saved = ExperimentConfig.load(cfg.workdir)
+    changed = incompatible_changes(saved, cfg)
+    if changed:
+        diffs = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(
+            f"{cfg.workdir} holds a different experiment ({diffs}); use a new --workdir "
+            "or the saved settings"
+        )
+    return True
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    progress: bool = True,
+    sigkill_at_update: int = 0,
+    log: Any = print,
+) -> RunResult:
+    """Trains (or resumes) the run described by ``cfg``; see the module docstring.
+
+    sigkill_at_update: for resume tests, the process kills itself with SIGKILL in that
+    update, after collecting and before the gradient step (checkpoints are flushed first).
+    """
+    cfg.validate()
+    if not cfg.workdir:
+        cfg = cfg.replace(workdir=default_workdir(cfg))
+    resuming = check_resumable(cfg)
+    os.makedirs(cfg.workdir, exist_ok=True)
+    cfg.save(cfg.workdir)
+
+    model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
+    tcfg = train_config(cfg, model_config, tokenizer)
+    rcfg = rollout_config(cfg)
+    rollout = Rollout(
+        make_envs(cfg, cfg.num_envs), tokenizer, model_config, tcfg, rcfg, seed=cfg.seed,
+        extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
+    )  # fmt: skip
+    example = transitions_example(tcfg, rcfg) if tcfg.off_policy else None
+    state = init_train_state(
+        tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
+        replay_example=example,
+    )  # fmt: skip
+    train_step = make_train_step(tcfg, model_config)
+    checkpointer = RunCheckpointer(cfg.workdir, cfg.keep_checkpoints)
+    start, env_steps, elapsed = 0, 0, 0.0
+    if resuming and checkpointer.latest_step() is not None:
+        state, host = checkpointer.restore(state)
+        restore_rollout_host_state(rollout, host["rollout"])
+        start, env_steps, elapsed = host["update"], host["env_steps"], host["seconds"]
+        log(f"resuming {cfg.workdir} at update {start} ({env_steps} environment steps)")
+    writer = MetricsWriter(
+        cfg.workdir, resume_from=start if resuming else None,
+        wandb_project=cfg.wandb_project, run_config=cfg.to_json(),
+    )  # fmt: skip
+
+    def host_snapshot(update: int) -> dict[str, Any]:
+        return {"update": update, "env_steps": env_steps, "seconds": elapsed,
+                "rollout": rollout_host_state(rollout)}  # fmt: skip
+
+    def run_eval() -> EvalResult:
+        return evaluate(
+            state, cfg, model_config, tcfg, tokenizer, episodes=cfg.eval_episodes,
+            num_envs=cfg.eval_envs, greedy=True,
+        )  # fmt: skip
+
+    total = cfg.num_updates
+    bar = tqdm(total=total * cfg.steps_per_batch, initial=env_steps, unit="step",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    compile_seconds = 0.0
+    last_eval: EvalResult | None = None
+    for update in range(start, total):
+        t0 = time.perf_counter()
+        collect = rollout.collect_transitions if tcfg.off_policy else rollout.collect
+        state, batch = collect(state)
+        t1 = time.perf_counter()
+        if sigkill_at_update and update + 1 == sigkill_at_update:
+            checkpointer.manager.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)
+        state, metrics = train_step(state, jax.tree.map(jnp.asarray, batch))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        t2 = time.perf_counter()
+        if update == start:
+            compile_seconds = t2 - t0
+        elapsed += t2 - t0
+        env_steps += cfg.steps_per_batch
+        recent = rollout.finished_returns[-RECENT_EPISODES:]
+        record: dict[str, Any] = {
+            "update": update + 1,
+            "env_steps": env_steps,
+            "episodes": len(rollout.finished_returns),
+            "train_return": float(np.mean(recent)) if recent else None,
+            "parse_failures": rollout.parse_failures,
+            "collect_seconds": t1 - t0,
+            "train_seconds": t2 - t1,
+            "steps_per_second": cfg.steps_per_batch / (t2 - t0),
+            **metrics,
+        }
+        done = update + 1 == total
+        if done or (cfg.eval_every and (update + 1) % cfg.eval_every == 0):
+            last_eval = run_eval()
+            record["eval_return"], record["eval_return_se"] = last_eval.mean, last_eval.se
+        writer.write(record)
+        if done or (cfg.checkpoint_every and (update + 1) % cfg.checkpoint_every == 0):
+            checkpointer.save(update + 1, state, host_snapshot(update + 1))
+        bar.update(cfg.steps_per_batch)
+        bar.set_postfix(
+            ret=f"{record['train_return']:+.3f}" if recent else "-",
+            eval=f"{last_eval.mean:+.3f}" if last_eval else "-",
+            sps=f"{record['steps_per_second']:.1f}",
+        )  # fmt: skip
+    bar.close()
+    if last_eval is None:  # resumed a finished run: evaluate what it holds
+        last_eval = run_eval()
+    checkpointer.close()
+    writer.close()
+    recent = rollout.finished_returns[-RECENT_EPISODES:]
+    result = RunResult(
+        workdir=cfg.workdir, updates=total, env_steps=env_steps,
+        episodes=len(rollout.finished_returns),
+        train_return=float(np.mean(recent)) if recent else float("nan"),
+        eval_return=last_eval.mean, eval_return_se=last_eval.se, seconds=elapsed,
+        compile_seconds=compile_seconds,
+    )  # fmt: skip
+    with open(os.path.join(cfg.workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(result), f, indent=2)
+    plot_learning_curve(cfg.workdir, title=f"{cfg.env} / {cfg.algo} / {cfg.model}")
+    log(result.table(cfg))
+    return result
+
+
+def load_run(workdir: str, step: int | None = None):
+    """``(cfg, model_config, tokenizer, train_config, state)`` of a run's checkpoint."""
+    cfg = ExperimentConfig.load(workdir).replace(workdir=workdir)
+    model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
+    tcfg = train_config(cfg, model_config, tokenizer)
+    example = transitions_example(tcfg, rollout_config(cfg)) if tcfg.off_policy else None
+    state = init_train_state(
+        tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
+        replay_example=example,
+    )  # fmt: skip
+    checkpointer = RunCheckpointer(workdir)
+    state, _ = checkpointer.restore(state, step)
+    checkpointer.close()
+    return cfg, model_config, tokenizer, tcfg, state

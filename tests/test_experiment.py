@@ -1,0 +1,131 @@
+"""The launcher: validation before compilation, checkpoint/resume exactness (a run killed
+with SIGKILL and resumed ends with the same parameters as an uninterrupted one), metrics
+bookkeeping across the kill, and the unbiased evaluator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rllama_jax.experiment import ExperimentConfig, load_run, run_experiment
+from rllama_jax.experiment.checkpoint import RunCheckpointer
+from rllama_jax.experiment.metrics import read_records
+from rllama_jax.experiment.run import check_resumable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")
+
+# A tiny PPO run with working memory (so memory is part of what must be restored).
+SMALL = dict(
+    model="tiny", env="tmaze", memory="working", num_envs=4, steps_per_update=4,
+    total_steps=64, epochs=1, minibatches=2, eval_every=0, eval_episodes=4, eval_envs=4,
+    checkpoint_every=1, keep_checkpoints=2, learning_rate=1e-3,
+)  # fmt: skip
+
+
+def _flags(**kw) -> list[str]:
+    return [f"--{k}={v}" for k, v in kw.items()]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(algo="dqn", action_mode="generate"), "needs --action_mode=score"),
+        (dict(algo="sac", action_mode="generate"), "needs --action_mode=score"),
+        (dict(trainable="heads", action_mode="generate"), "policy frozen"),
+        (dict(num_envs=6, steps_per_update=1, minibatches=4), "not divisible"),
+        (dict(algo="grpo", num_envs=12, group_size=8), "group_size"),
+        (dict(memory="none", memory_mode="latent"), "needs a memory"),
+        (dict(algo="dqn", replay_batch=128, replay_capacity=64), "exceeds"),
+        (dict(env="nonsense"), "neither a preset"),
+        (dict(gamma=0.0), "gamma"),
+        (dict(total_steps=0), "total_steps"),
+    ],
+)
+def test_invalid_combinations_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(**changes).validate()
+
+
+def test_launcher_rejects_bad_flags_before_loading_anything(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, TRAIN, "--algo=dqn", "--action_mode=generate",
+         f"--workdir={tmp_path / 'w'}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--algo=dqn needs --action_mode=score" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing was created
+
+
+def test_resume_refuses_a_different_experiment(tmp_path):
+    cfg = ExperimentConfig(**SMALL, workdir=str(tmp_path))
+    cfg.save(str(tmp_path))
+    assert check_resumable(cfg.replace(total_steps=128))  # longer: same experiment
+    with pytest.raises(ValueError, match=r"algo: 'ppo' -> 'a2c'"):
+        check_resumable(cfg.replace(algo="a2c"))
+    assert ExperimentConfig.load(str(tmp_path)) == cfg  # the saved config is untouched
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    straight = ExperimentConfig(**SMALL, workdir=str(tmp_path / "straight"))
+    run_experiment(straight, progress=False, log=lambda *_: None)
+
+    killed = straight.replace(workdir=str(tmp_path / "killed"))
+    cmd = [sys.executable, TRAIN, *_flags(**SMALL, workdir=killed.workdir),
+           "--sigkill_at_update=3", "--progress=false"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert RunCheckpointer(killed.workdir).latest_step() == 2
+    # Update 3 was lost with the process: its metrics are not in the log.
+    assert [r["update"] for r in read_records(killed.workdir)] == [1, 2]
+
+    run_experiment(killed, progress=False, log=lambda *_: None)
+
+    a = load_run(straight.workdir)[-1]
+    b = load_run(killed.workdir)[-1]
+    leaves_a, tree_a = jax.tree.flatten(a.trainable)
+    leaves_b, tree_b = jax.tree.flatten(b.trainable)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a.memory), jax.tree.leaves(b.memory), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The metric logs agree update by update (timings aside).
+    ra, rb = read_records(straight.workdir), read_records(killed.workdir)
+    assert [r["update"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb, strict=True):
+        assert x["loss"] == y["loss"] and x["train_return"] == y["train_return"]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["updates"] == 4 and summary["env_steps"] == 64
+    assert (tmp_path / "killed" / "learning_curve.png").stat().st_size > 1000
+    assert os.listdir(tmp_path / "killed" / "tensorboard")
+
+
+def test_smoke_ablation_writes_reports_and_resumes(tmp_path):
+    from rllama_jax.experiment.ablation import PRESETS, run_preset
+
+    out = str(tmp_path)
+    rows = run_preset("smoke", out, log=lambda *_: None)
+    preset = PRESETS["smoke"]
+    assert len(rows) == len(preset.settings) * len(preset.seeds) * len(preset.envs)
+    assert all(np.isfinite(r["eval_return"]) for r in rows)
+    lines = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("env,setting,seed,eval_return") and len(lines) == len(rows) + 1
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {s} |" in table for s in preset.settings)
+    assert (tmp_path / "curves_blackjack.png").stat().st_size > 1000
+    # A second invocation finds every cell finished and only rewrites the reports.
+    logged = []
+    assert run_preset("smoke", out, log=logged.append) == rows
+    assert logged == []
