@@ -19,10 +19,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rllama_jax.models.config import LlamaConfig, as_dtype
 from rllama_jax.models.errors import CorruptCheckpointError, ModelNotInstalledError
@@ -155,11 +157,18 @@ def load_pretrained(
     param_dtype: str = "float32",
     dtype: str = "float32",
     tokenizer: bool = True,
+    shardings: Any | Callable[[LlamaConfig], Any] | None = None,
 ) -> Pretrained:
     """Loads a Llama model: ``config, params, tokenizer = load_pretrained(name)``.
 
     param_dtype: storage dtype of the returned parameters; dtype: compute dtype of matmuls.
     tokenizer: when False, the third element is None (saves ~0.1 s).
+    shardings: where each parameter goes, as a tree of ``jax.sharding.Sharding`` mirroring
+        the parameter tree, or a function ``LlamaConfig -> tree`` (the shapes are known only
+        once the checkpoint's config is read; ``rllama_jax.distributed.load_sharded`` passes
+        one). Every device then receives only its own slices, read from the host copy (a
+        memory map for the native format), so no device ever holds a full copy of a split
+        weight. None: every parameter on the default device.
     Raises a ``CheckpointError`` subclass on bad input (missing/unexpected tensor, shape
     mismatch, unsupported architecture, corrupt file) and never returns a partial model.
     """
@@ -197,8 +206,21 @@ def load_pretrained(
         else:
             params = read_safetensors_dir(path, config, dtype=np_dtype)
         tok = load_tokenizer(path) if tokenizer else None
-    params = jax.tree.map(jnp.asarray, params)
+    if shardings is None:
+        params = jax.tree.map(jnp.asarray, params)
+    else:
+        if callable(shardings):
+            shardings = shardings(config)
+        params = jax.tree.map(_place_sharded, params, shardings)
     return Pretrained(config, params, tok)
+
+
+def _place_sharded(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array, each device reading only the slice it holds."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(
+        host.shape, sharding, lambda index: np.ascontiguousarray(host[index]), dtype=host.dtype
+    )
 
 
 def export_hf_dir(name_or_path: str, out_dir: str) -> str:
