@@ -33,11 +33,10 @@ from rllama_jax.memory import (
     MemoryConfig,
     WorkingConfig,
     init_memory,
-    latent_inputs,
 )
 from rllama_jax.models import DEFAULT_MODEL, LlamaConfig, Params, load_pretrained
 from rllama_jax.models.lora import LoraConfig
-from rllama_jax.rollout import Rollout, RolloutConfig, act
+from rllama_jax.rollout import Rollout, RolloutConfig, act, transitions_example
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.tokenization import decode_responses
 from rllama_jax.train import Batch, TrainConfig, init_train_state, make_train_step
@@ -212,29 +211,7 @@ class RLlamaAgent:
         )
 
     def _transitions_example(self):
-        from rllama_jax.train import Transitions
-
-        mcfg = self.train_config.memory
-        a, c, length = (
-            self.rollout_config.max_actions,
-            self.rollout_config.candidate_len,
-            self.rollout_config.prompt_len + mcfg.text_region_size + mcfg.num_soft_slots,
-        )
-        obs = Observation(
-            jnp.zeros((1, length), jnp.int32),
-            jnp.zeros((1, length), jnp.int32),
-            jnp.zeros((1, a, c), jnp.int32),
-            jnp.zeros((1, a, c), jnp.int32),
-            jnp.zeros((1, a), bool),
-        )
-        if mcfg.latent_enabled:  # the memory read of an empty memory has the real shapes
-            query = jnp.zeros((1, self.model_config.hidden_size), jnp.float32)
-            obs = obs.replace(
-                soft_slots=jnp.full((1, length), -1, jnp.int32),
-                latent_memory=latent_inputs(init_memory(mcfg, 1), mcfg, query),
-            )
-        z = jnp.zeros((1,))
-        return Transitions(obs, jnp.zeros((1,), jnp.int32), z, z, obs, jnp.zeros((1,), bool))
+        return transitions_example(self.train_config, self.rollout_config, self.model_config)
 
     def _env_view(self) -> Any:
         """A minimal stand-in env so ``Rollout``'s encoder serves the single-env API."""

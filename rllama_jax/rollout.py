@@ -37,6 +37,8 @@ from rllama_jax.memory import (
     MemoryState,
     augment_prompt,
     end_episodes,
+    init_memory,
+    latent_inputs,
     record_step,
     splice_soft_slots,
 )
@@ -46,6 +48,7 @@ from rllama_jax.tokenization import chat_token_ids, decode_responses, encode_can
 from rllama_jax.train import (
     Batch,
     Observation,
+    ScoreFeatures,
     TrainConfig,
     TrainState,
     Transitions,
@@ -142,6 +145,8 @@ def act(
             actions = jax.random.categorical(key, ev.log_probs).astype(jnp.int32)
         logp = jnp.take_along_axis(ev.log_probs, actions[:, None], axis=-1)[:, 0]
         keys = ev.prompt_hidden.astype(jnp.float32) if query is None else query
+        if config.caches_features:  # frozen LLM: the train step reuses what it said here
+            obs = obs.replace(features=ev.features)
         return ActOutput(obs, actions, None, None, logp, ev.values, keys)
     gen = generate(
         model, model_config, obs.prompt_tokens, obs.prompt_mask, key,
@@ -156,6 +161,40 @@ def act(
     )
     keys = gen.last_hidden.astype(jnp.float32) if query is None else query
     return ActOutput(obs, None, gen.tokens, gen.mask, gen.logprobs, values, keys)
+
+
+def transitions_example(
+    train_config: TrainConfig, config: RolloutConfig, model_config: LlamaConfig
+) -> Transitions:
+    """One all-zero ``Transitions`` row with the shapes ``Rollout.collect_transitions``
+    produces (memory region, latent-memory read, frozen-LLM features included): what
+    ``init_train_state`` needs to size a DQN/SAC replay buffer."""
+    mcfg = train_config.memory
+    a, c = config.max_actions, config.candidate_len
+    length = config.prompt_len + mcfg.text_region_size + mcfg.num_soft_slots
+    d = model_config.hidden_size
+    obs = Observation(
+        jnp.zeros((1, length), jnp.int32),
+        jnp.zeros((1, length), jnp.int32),
+        jnp.zeros((1, a, c), jnp.int32),
+        jnp.zeros((1, a, c), jnp.int32),
+        jnp.zeros((1, a), bool),
+    )
+    if mcfg.latent_enabled:  # the memory read of an empty memory has the real shapes
+        obs = obs.replace(
+            soft_slots=jnp.full((1, length), -1, jnp.int32),
+            latent_memory=latent_inputs(init_memory(mcfg, 1), mcfg, jnp.zeros((1, d), jnp.float32)),
+        )
+    if train_config.caches_features:
+        obs = obs.replace(
+            features=ScoreFeatures(
+                jnp.zeros((1, a), jnp.float32),
+                jnp.zeros((1, a, d), jnp.float32),
+                jnp.zeros((1, d), jnp.float32),
+            )
+        )
+    z = jnp.zeros((1,))
+    return Transitions(obs, jnp.zeros((1,), jnp.int32), z, z, obs, jnp.zeros((1,), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

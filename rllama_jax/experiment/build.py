@@ -142,12 +142,3 @@ def extract_action(cfg: ExperimentConfig) -> Callable[[str], Any]:
     """Reply -> action for generate mode: the preset's parser, else the reply's first line
     (the env matches it against its candidates; a mismatch is a counted parse failure)."""
     return cfg.preset.extract_action or _first_line
-
-
-def transitions_example(tcfg: TrainConfig, rcfg: RolloutConfig) -> Any:
-    """One all-zero ``Transitions`` row fixing the replay buffer's shapes (DQN, SAC)."""
-    from types import SimpleNamespace
-
-    from rllama_jax.agent import RLlamaAgent
-
-    return RLlamaAgent._transitions_example(SimpleNamespace(train_config=tcfg, rollout_config=rcfg))

@@ -29,7 +29,6 @@ from rllama_jax.experiment.build import (
     make_envs,
     rollout_config,
     train_config,
-    transitions_example,
 )
 from rllama_jax.experiment.checkpoint import (
     RunCheckpointer,
@@ -39,7 +38,7 @@ from rllama_jax.experiment.checkpoint import (
 from rllama_jax.experiment.config import ExperimentConfig, incompatible_changes
 from rllama_jax.experiment.evaluation import EvalResult, evaluate
 from rllama_jax.experiment.metrics import MetricsWriter, plot_learning_curve
-from rllama_jax.rollout import Rollout
+from rllama_jax.rollout import Rollout, transitions_example
 from rllama_jax.train import init_train_state, make_train_step
 
 RECENT_EPISODES = 100
@@ -123,7 +122,7 @@ def run_experiment(
         make_envs(cfg, cfg.num_envs), tokenizer, model_config, tcfg, rcfg, seed=cfg.seed,
         extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
     )  # fmt: skip
-    example = transitions_example(tcfg, rcfg) if tcfg.off_policy else None
+    example = transitions_example(tcfg, rcfg, model_config) if tcfg.off_policy else None
     state = init_train_state(
         tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
         replay_example=example,
@@ -221,7 +220,9 @@ def load_run(workdir: str, step: int | None = None):
     cfg = ExperimentConfig.load(workdir).replace(workdir=workdir)
     model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
     tcfg = train_config(cfg, model_config, tokenizer)
-    example = transitions_example(tcfg, rollout_config(cfg)) if tcfg.off_policy else None
+    example = (
+        transitions_example(tcfg, rollout_config(cfg), model_config) if tcfg.off_policy else None
+    )
     state = init_train_state(
         tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
         replay_example=example,

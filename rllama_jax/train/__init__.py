@@ -1,8 +1,13 @@
 """Training: the state pytree, rollout batch layouts, policy evaluation and the one jitted
 ``train_step`` per algorithm."""
 
-from rllama_jax.train.batch import Batch, Observation, Transitions
-from rllama_jax.train.policy import evaluate_generate, evaluate_score, prompt_embeddings
+from rllama_jax.train.batch import Batch, Observation, ScoreFeatures, Transitions
+from rllama_jax.train.policy import (
+    evaluate_generate,
+    evaluate_score,
+    prompt_embeddings,
+    score_features,
+)
 from rllama_jax.train.replay import ReplayBuffer, init_replay
 from rllama_jax.train.state import (
     ALGORITHMS,
@@ -21,6 +26,7 @@ __all__ = [
     "LossInputs",
     "Observation",
     "ReplayBuffer",
+    "ScoreFeatures",
     "TrainConfig",
     "TrainState",
     "Transitions",
@@ -33,5 +39,6 @@ __all__ = [
     "memory_adapter",
     "policy_params",
     "prompt_embeddings",
+    "score_features",
     "reference_params",
 ]

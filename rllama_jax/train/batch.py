@@ -19,6 +19,21 @@ from rllama_jax.memory.latent import AdapterInputs
 
 
 @struct.dataclass
+class ScoreFeatures:
+    """What a FROZEN LLM says about an observation in score mode, computed once at acting
+    time and reused by every gradient step (``TrainConfig.caches_features``).
+
+    scores: [..., A] candidate log-likelihoods (reduced as ``score_reduction``);
+    candidate_hidden: [..., A, D] hidden state at each candidate's last token;
+    prompt_hidden: [..., D] hidden state at the last prompt token.
+    """
+
+    scores: jax.Array
+    candidate_hidden: jax.Array
+    prompt_hidden: jax.Array
+
+
+@struct.dataclass
 class Observation:
     """What the policy sees at one turn (leading batch axes ``[...]``).
 
@@ -31,6 +46,9 @@ class Observation:
     read at acting time (``AdapterInputs``: keys [..., k, D], valid [..., k], summary
     [..., D], summary_valid [...]). The soft prompt itself is not stored: the train step
     recomputes it with the current adapter (``policy.prompt_embeddings``).
+
+    features: the frozen LLM's scores and hidden states (``ScoreFeatures``), present when
+    only heads train in score mode: the train step then runs no LLM forward at all.
     """
 
     prompt_tokens: jax.Array
@@ -40,6 +58,7 @@ class Observation:
     action_mask: jax.Array | None = None
     soft_slots: jax.Array | None = None
     latent_memory: AdapterInputs | None = None
+    features: ScoreFeatures | None = None
 
 
 @struct.dataclass

@@ -21,7 +21,7 @@ from rllama_jax.losses import categorical_entropy, masked_log_softmax, masked_lo
 from rllama_jax.memory import latent
 from rllama_jax.models import LlamaConfig, Params, embed
 from rllama_jax.sampling import score_candidates, sequence_logprobs
-from rllama_jax.train.batch import Observation
+from rllama_jax.train.batch import Observation, ScoreFeatures
 from rllama_jax.train.state import TrainConfig
 
 
@@ -36,6 +36,7 @@ class ScoreEval(NamedTuple):
     values: jax.Array
     q: dict[str, jax.Array]
     prompt_hidden: jax.Array
+    features: ScoreFeatures
 
 
 def prompt_embeddings(
@@ -74,18 +75,13 @@ def evaluate_score(
 ) -> ScoreEval:
     """Score-mode policy over candidate actions for observations [M, ...].
 
-    adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots."""
-    s = score_candidates(
-        model,
-        model_config,
-        obs.prompt_tokens,
-        obs.prompt_mask,
-        obs.candidate_tokens,
-        obs.candidate_mask,
-        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
-    )
-    scores = s.logp_sum if config.score_reduction == "sum" else s.logp_mean
-    logits = scores / config.policy_temperature
+    adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots.
+    When ``obs.features`` is present (frozen LLM, see ``ScoreFeatures``) the model is not run:
+    the heads read the stored features."""
+    s = obs.features if obs.features is not None else score_features(
+        model, obs, model_config, config, adapter
+    )  # fmt: skip
+    logits = s.scores / config.policy_temperature
     if "policy" in heads:
         logits = logits + apply_head(heads["policy"], s.candidate_hidden)[..., 0]
     logits = masked_logits(logits, obs.action_mask)
@@ -106,7 +102,30 @@ def evaluate_score(
         values=values,
         q=q,
         prompt_hidden=s.prompt_hidden,
+        features=s,
     )
+
+
+def score_features(
+    model: Params,
+    obs: Observation,
+    model_config: LlamaConfig,
+    config: TrainConfig,
+    adapter: latent.AdapterParams | None = None,
+) -> ScoreFeatures:
+    """The LLM's side of score mode for observations [M, ...]: candidate scores [M, A]
+    (``score_reduction`` of their token log-likelihoods) and hidden states."""
+    s = score_candidates(
+        model,
+        model_config,
+        obs.prompt_tokens,
+        obs.prompt_mask,
+        obs.candidate_tokens,
+        obs.candidate_mask,
+        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+    )
+    scores = s.logp_sum if config.score_reduction == "sum" else s.logp_mean
+    return ScoreFeatures(scores, s.candidate_hidden, s.prompt_hidden)
 
 
 class GenerateEval(NamedTuple):

@@ -109,6 +109,17 @@ class TrainConfig:
         return self.algorithm in OFF_POLICY
 
     @property
+    def caches_features(self) -> bool:
+        """Whether acting stores the frozen LLM's outputs for the train step to reuse: score
+        mode with only heads training and no latent memory (nothing upstream of the heads
+        changes, so recomputing the LLM forward every gradient step would be wasted)."""
+        return (
+            self.trainable == "heads"
+            and self.action_mode == "score"
+            and not self.memory.latent_enabled
+        )
+
+    @property
     def head_names(self) -> tuple[str, ...]:
         """The heads this configuration trains."""
         names: tuple[str, ...] = ()

@@ -208,19 +208,25 @@ def make_train_step(
     loss_fn: LossFn | None = None,
     *,
     jit: bool = True,
+    shard_minibatch: Callable[[Any], Any] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Metrics]]:
     """Returns ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
     batch: a ``Batch`` [N, T] for PPO/A2C/REINFORCE/GRPO, ``Transitions`` [M] for DQN/SAC.
     loss_fn: optional replacement of the on-policy loss, ``LossInputs -> (loss, metrics)``.
+    shard_minibatch: applied to every gathered minibatch (e.g. a sharding constraint keeping
+    it split over the data axes of a mesh; ``rllama_jax.distributed`` passes one).
     """
     optimizer = make_optimizer(config)
+    constrain = shard_minibatch or (lambda tree: tree)
     if config.off_policy:
         if loss_fn is not None:
             raise ValueError("loss_fn replaces on-policy losses only")
-        step = _off_policy_step(config, model_config, optimizer)
+        step = _off_policy_step(config, model_config, optimizer, constrain)
     else:
-        step = _on_policy_step(config, model_config, optimizer, loss_fn or default_loss_fn(config))
+        step = _on_policy_step(
+            config, model_config, optimizer, loss_fn or default_loss_fn(config), constrain
+        )
     return jax.jit(step, donate_argnums=0) if jit else step
 
 
@@ -229,6 +235,7 @@ def _on_policy_step(
     model_config: LlamaConfig,
     optimizer: optax.GradientTransformation,
     loss_fn: LossFn,
+    constrain: Callable[[Any], Any],
 ):
     score = config.action_mode == "score"
 
@@ -280,7 +287,7 @@ def _on_policy_step(
 
         def grad_step(carry, idx):
             trainable, opt_state, skipped = carry
-            mb = jax.tree.map(lambda x: x[idx], data)
+            mb = constrain(jax.tree.map(lambda x: x[idx], data))
 
             def objective(tr: Params):
                 model = policy_params(tr, state.frozen, config)
@@ -323,7 +330,10 @@ def _on_policy_step(
 
 
 def _off_policy_step(
-    config: TrainConfig, model_config: LlamaConfig, optimizer: optax.GradientTransformation
+    config: TrainConfig,
+    model_config: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+    constrain: Callable[[Any], Any],
 ):
     def objective(trainable: Params, target: Params, frozen: Params, items: Transitions, w):
         model = policy_params(trainable, frozen, config)
@@ -357,7 +367,7 @@ def _off_policy_step(
 
         def update(carry, key):
             trainable, target, opt_state, skipped, updates = carry
-            items, w = replay_sample(replay, key, config.replay_batch)
+            items, w = constrain(replay_sample(replay, key, config.replay_batch))
             w = w * items.valid.astype(jnp.float32)
             (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
                 trainable, target, state.frozen, items, w

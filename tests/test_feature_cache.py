@@ -1,0 +1,89 @@
+"""Frozen-LLM feature caching: with only heads training in score mode, acting stores the
+LLM's scores and hidden states and the train step reuses them; the update must equal the
+one that recomputes everything through the LLM."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rllama_jax.envs  # noqa: F401
+from rllama_jax.models import LlamaConfig, init_params
+from rllama_jax.models.loading import default_model_dir, load_tokenizer
+from rllama_jax.rollout import Rollout, RolloutConfig, transitions_example
+from rllama_jax.train import TrainConfig, init_train_state, make_train_step
+
+MODEL = LlamaConfig(
+    vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+)  # fmt: skip
+ROLL = RolloutConfig(num_steps=3, prompt_len=160, max_actions=2, candidate_len=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(default_model_dir())
+
+
+def _strip(obs):
+    return obs.replace(features=None)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dqn"])
+def test_cached_features_give_the_same_update(tok, algorithm):
+    cfg = TrainConfig(algorithm=algorithm, trainable="heads", epochs=1, replay_batch=4,
+                      replay_capacity=16, head_learning_rate=1e-2)  # fmt: skip
+    assert cfg.caches_features
+    assert not cfg.replace(trainable="lora").caches_features
+    example = transitions_example(cfg, ROLL, MODEL) if cfg.off_policy else None
+    params = init_params(MODEL, jax.random.key(0))
+
+    def fresh(example=example):
+        return init_train_state(cfg, MODEL, jax.tree.map(jnp.copy, params), jax.random.key(1),
+                                num_envs=4, replay_example=example)  # fmt: skip
+
+    state = fresh()
+    # Non-zero heads, so the update depends on the features.
+    state = state.replace(
+        trainable={**state.trainable, "heads": jax.tree.map(
+            lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape),
+            state.trainable["heads"])}
+    )  # fmt: skip
+    heads0 = jax.tree.map(np.asarray, state.trainable["heads"])
+    envs = [gym.make("rllama/Blackjack-v0") for _ in range(4)]
+    rollout = Rollout(envs, tok, MODEL, cfg, ROLL, seed=3)
+    if cfg.off_policy:
+        state, batch = rollout.collect_transitions(state)
+        assert batch.next_obs.features is not None
+        stripped = batch.replace(obs=_strip(batch.obs), next_obs=_strip(batch.next_obs))
+    else:
+        state, batch = rollout.collect(state)
+        stripped = batch.replace(obs=_strip(batch.obs))
+    f = batch.obs.features
+    assert f.scores.shape == batch.obs.action_mask.shape
+    assert f.candidate_hidden.shape == batch.obs.action_mask.shape + (MODEL.hidden_size,)
+    step = make_train_step(cfg, MODEL)
+
+    def restart(example=example):
+        state = fresh(example)
+        heads = jax.tree.map(jnp.asarray, heads0)
+        return state.replace(trainable={**state.trainable, "heads": heads})
+
+    # Without features in the replay buffer (DQN) or the batch, the step recomputes them.
+    plain = None
+    if example is not None:
+        plain = example.replace(obs=_strip(example.obs), next_obs=_strip(example.next_obs))
+    s_cached, m_cached = step(restart(), jax.tree.map(jnp.asarray, batch))
+    s_full, m_full = step(restart(plain), jax.tree.map(jnp.asarray, stripped))
+    np.testing.assert_allclose(m_cached["loss"], m_full["loss"], rtol=1e-5, atol=1e-6)
+    for a, b, h0 in zip(
+        jax.tree.leaves(s_cached.trainable["heads"]),
+        jax.tree.leaves(s_full.trainable["heads"]),
+        jax.tree.leaves(heads0),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(np.asarray(a), h0)  # the heads did move
