@@ -28,6 +28,8 @@ setup(
         "numpy>=2.4",
         "tqdm>=4.70",
         "jinja2>=3.1",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.11",
     ],
     extras_require={
         "test": [
@@ -38,7 +40,12 @@ setup(
             "accelerate>=1.0",
             "minigrid>=3.2.0",
             "textworld>=1.7.0",
+            "nbclient>=0.11.0",
+            "nbformat>=5.11.1",
+            "ipykernel>=7.4.0",
+            "jupyter_client>=8.10.0",
         ],
+        "wandb": ["wandb"],
         "babyai": ["minigrid>=3.2.0"],
         "textworld": ["textworld>=1.7.0"],
     },

@@ -256,7 +256,7 @@ class RLlamaAgent:
         insert_at = np.full(len(observations), self._encoder.insert_at[0], np.int32)
         out = act(
             self.state.trainable, self.state.frozen, self._memory_for(len(observations)),
-            obs, insert_at, sub, self.model_config, self.train_config,
+            obs, insert_at, sub, self.model_config, self.train_config, False,
         )  # fmt: skip
         if self.train_config.action_mode == "score":
             idx = [int(a) for a in np.asarray(out.actions)]
@@ -355,7 +355,9 @@ class RLlamaAgent:
             actions=cat([x.action for x in turns]) if score else None,
             response_tokens=None if score else cat([x.response_tokens for x in turns]),
             response_mask=None if score else cat([x.response_mask for x in turns]),
-            group_ids=np.zeros((1,), np.int32),
+            # One group for GRPO; None otherwise, as the rollout's batches have (a different
+            # pytree would compile the train step a second time).
+            group_ids=np.zeros((1,), np.int32) if self.train_config.algorithm == "grpo" else None,
         )
 
     def _transitions(self, turns: list[_Turn], count: int):
