@@ -44,7 +44,13 @@ from rllama_jax.memory import (
 )
 from rllama_jax.models import LlamaConfig
 from rllama_jax.sampling import generate, prefill
-from rllama_jax.tokenization import chat_token_ids, decode_responses, encode_candidates, left_pad
+from rllama_jax.tokenization import (
+    chat_token_ids,
+    decode_responses,
+    encode_candidates,
+    left_pad,
+    pad_after_prefix,
+)
 from rllama_jax.train import (
     Batch,
     Observation,
@@ -203,9 +209,10 @@ def _remember_step(memory, config: MemoryConfig, tokens, mask, keys, importance,
     return end_episodes(memory, config, done)
 
 
-def _user_content_offset(tokenizer: Any, system_prompt: str) -> int:
+def shared_prefix_length(tokenizer: Any, system_prompt: str) -> int:
     """Token index where the user message's content starts in a [system, user] prompt:
-    the common prefix of two encodings that differ only in the user content."""
+    the common prefix of two encodings that differ only in the user content. Every prompt
+    of a run shares these tokens (``TrainConfig.prefix_len``; where memory is spliced)."""
     a, b = chat_token_ids(
         tokenizer,
         [
@@ -265,9 +272,13 @@ class Rollout:
         self.system_prompt = system_prompt or envs[0].unwrapped.system_prompt
         self.pad_id = 0
         self.key = jax.random.key(seed)
-        self.insert_at = np.full(
-            len(envs), _user_content_offset(tokenizer, self.system_prompt), np.int32
-        )
+        shared = shared_prefix_length(tokenizer, self.system_prompt)
+        if train_config.prefix_len not in (0, shared):
+            raise ValueError(
+                f"TrainConfig.prefix_len={train_config.prefix_len} but this system prompt and "
+                f"chat template share {shared} tokens (rollout.shared_prefix_length)"
+            )
+        self.insert_at = np.full(len(envs), shared, np.int32)
         self._seed = seed
         self._group_round = 0
         seeds = seeds if seeds is not None else [seed + i for i in range(len(envs))]
@@ -297,7 +308,12 @@ class Rollout:
             for o in raw_obs
         ]
         rows = chat_token_ids(self.tokenizer, convs, add_generation_prompt=True)
-        tokens, mask = left_pad(rows, self.config.prompt_len, self.pad_id)
+        if self.train_config.prefix_len:
+            tokens, mask = pad_after_prefix(
+                rows, self.config.prompt_len, self.train_config.prefix_len, self.pad_id
+            )
+        else:
+            tokens, mask = left_pad(rows, self.config.prompt_len, self.pad_id)
         if self.train_config.action_mode != "score":
             return Observation(tokens, mask)
         ctok, cmask, amask = encode_candidates(

@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 
 # Prompt widths are rounded up to one of these. Powers of two: a run whose prompts grow up to
-# length n compiles each jitted function at most ceil(log2(n / 64)) + 1 times (7 buckets in
+# length n compiles each jitted function at most ceil(log2(n / 32)) + 1 times (8 buckets in
 # all), and because the bucket above n is < 2n, a padded row is always less than half padding
-# (attention/MLP cost wasted on padding < 50%, usually far less).
-LENGTH_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+# (attention/MLP cost wasted on padding < 50%, usually far less). The 32 bucket is for the
+# per-row suffixes that follow a shared-prefix cache (~30 tokens for a Blackjack observation
+# in the chat template), which would otherwise be half padding.
+LENGTH_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 Conversation = list[dict[str, str]]
 
@@ -61,6 +63,27 @@ def left_pad(
             tokens[i, width - n :] = row
             mask[i, width - n :] = 1
     return tokens, mask
+
+
+def pad_after_prefix(
+    rows: Sequence[Sequence[int]], width: int, prefix_len: int, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that all start with the same ``prefix_len`` tokens, laid out as
+    ``[prefix | padding | rest]`` in ``[B, width]``: the shared prefix sits unpadded in the
+    first columns (so it can be computed once for all rows) and each row's own tokens are
+    right-aligned as with ``left_pad``. Positions come from the mask, so the model sees
+    exactly the left-padded sequence. Returns (tokens int32, mask int32).
+    """
+    if not rows:
+        return left_pad(rows, width, pad_id)
+    head = list(rows[0][:prefix_len])
+    for i, row in enumerate(rows):
+        if list(row[:prefix_len]) != head:
+            raise ValueError(f"row {i} does not start with the shared {prefix_len}-token prefix")
+    tokens, mask = left_pad([row[prefix_len:] for row in rows], width - prefix_len, pad_id)
+    pre = np.broadcast_to(np.asarray(head, np.int32), (len(rows), prefix_len))
+    ones = np.ones((len(rows), prefix_len), np.int32)
+    return np.concatenate([pre, tokens], axis=1), np.concatenate([ones, mask], axis=1)
 
 
 def render_chat(

@@ -87,3 +87,49 @@ def test_cached_features_give_the_same_update(tok, algorithm):
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         assert not np.allclose(np.asarray(a), h0)  # the heads did move
+
+
+def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
+    from rllama_jax.rollout import shared_prefix_length
+    from rllama_jax.tokenization import left_pad, pad_after_prefix
+    from rllama_jax.train import evaluate_score, init_train_state
+    from rllama_jax.train.batch import Observation
+
+    env = gym.make("rllama/Blackjack-v0")
+    p = shared_prefix_length(tok, env.unwrapped.system_prompt)
+    assert p > 50  # the system prompt is most of a Blackjack prompt
+    with pytest.raises(ValueError, match="needs action_mode='score'"):
+        TrainConfig(action_mode="generate", prefix_len=p)
+    base = TrainConfig(algorithm="ppo", trainable="lora")
+    shared = base.replace(prefix_len=p)
+    envs = [gym.make("rllama/Blackjack-v0") for _ in range(3)]
+    plain_roll = Rollout(envs, tok, MODEL, base, ROLL, seed=5)
+    with pytest.raises(ValueError, match="share"):
+        Rollout(envs, tok, MODEL, base.replace(prefix_len=p + 1), ROLL)
+    shared_roll = Rollout(envs, tok, MODEL, shared, ROLL, seed=5)
+    a = plain_roll.encode(plain_roll.raw_obs, plain_roll.candidates)
+    b = shared_roll.encode(shared_roll.raw_obs, shared_roll.candidates)
+    # [prefix | pad | rest]: same real tokens in the same order as the left-padded rows.
+    assert (b.prompt_tokens[:, :p] == b.prompt_tokens[0, :p]).all() and b.prompt_mask[:, :p].all()
+    for i in range(3):
+        np.testing.assert_array_equal(
+            a.prompt_tokens[i][a.prompt_mask[i] == 1], b.prompt_tokens[i][b.prompt_mask[i] == 1]
+        )
+    with pytest.raises(ValueError, match="shared"):
+        pad_after_prefix([[1, 2, 3], [1, 9, 3]], 8, 2)
+    np.testing.assert_array_equal(pad_after_prefix([[1, 2, 3]], 5, 2)[0], [[1, 2, 0, 0, 3]])
+    assert left_pad([[3]], 3)[0].tolist() == [[0, 0, 3]]
+    state = init_train_state(base, MODEL, init_params(MODEL, jax.random.key(0)),
+                             jax.random.key(1))  # fmt: skip
+    heads = {"value": jax.tree.map(lambda x: x + 0.3, state.trainable["heads"]["value"])}
+    model = state.frozen["model"]
+    ea = evaluate_score(model, heads, jax.tree.map(jnp.asarray, a), MODEL, base)
+    eb = evaluate_score(model, heads, jax.tree.map(jnp.asarray, b), MODEL, shared)
+    for x, y in [
+        (ea.log_probs, eb.log_probs),
+        (ea.values, eb.values),
+        (ea.prompt_hidden, eb.prompt_hidden),
+        (ea.features.scores, eb.features.scores),
+    ]:
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    assert isinstance(b, Observation)

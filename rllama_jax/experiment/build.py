@@ -24,7 +24,7 @@ from rllama_jax.memory.latent import LatentConfig
 from rllama_jax.models import LlamaConfig, Params, init_params, load_pretrained
 from rllama_jax.models.loading import default_model_dir, load_tokenizer
 from rllama_jax.models.lora import LoraConfig
-from rllama_jax.rollout import RolloutConfig
+from rllama_jax.rollout import RolloutConfig, shared_prefix_length
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.train import TrainConfig
 
@@ -113,7 +113,19 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         replay_batch=cfg.replay_batch,
         updates_per_step=cfg.updates_per_step,
         memory=memory_config(cfg, model_config, tokenizer),
+        prefix_len=prefix_len(cfg, tokenizer),
     )  # fmt: skip
+
+
+def prefix_len(cfg: ExperimentConfig, tokenizer: Any) -> int:
+    """Tokens every prompt of the run shares (0 when not shared: memory or generate mode)."""
+    if not cfg.share_prefix or cfg.action_mode != "score" or cfg.memory != "none":
+        return 0
+    env = make_envs(cfg, 1)[0]
+    try:
+        return shared_prefix_length(tokenizer, env.unwrapped.system_prompt)
+    finally:
+        env.close()
 
 
 def rollout_config(cfg: ExperimentConfig, *, num_steps: int | None = None) -> RolloutConfig:

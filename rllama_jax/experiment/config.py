@@ -90,6 +90,9 @@ class ExperimentConfig:
     prompt_len: int = _field(0, "Prompt width in tokens before memory; 0: the env preset's.")
     max_actions: int = _field(0, "Candidate slots (score mode); 0: the env preset's.")
     candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
+    share_prefix: bool = _field(
+        True, "Score mode without memory: run the shared system prompt once per call."
+    )
     # Optimisation.
     learning_rate: float = _field(3e-4, "Learning rate of the LLM part (full/lora).")
     head_learning_rate: float = _field(1e-3, "Learning rate of value/Q/policy heads.")

@@ -20,7 +20,7 @@ from rllama_jax.heads import apply_head
 from rllama_jax.losses import categorical_entropy, masked_log_softmax, masked_logits
 from rllama_jax.memory import latent
 from rllama_jax.models import LlamaConfig, Params, embed
-from rllama_jax.sampling import score_candidates, sequence_logprobs
+from rllama_jax.sampling import build_prefix, score_candidates, sequence_logprobs
 from rllama_jax.train.batch import Observation, ScoreFeatures
 from rllama_jax.train.state import TrainConfig
 
@@ -115,15 +115,28 @@ def score_features(
 ) -> ScoreFeatures:
     """The LLM's side of score mode for observations [M, ...]: candidate scores [M, A]
     (``score_reduction`` of their token log-likelihoods) and hidden states."""
-    s = score_candidates(
-        model,
-        model_config,
-        obs.prompt_tokens,
-        obs.prompt_mask,
-        obs.candidate_tokens,
-        obs.candidate_mask,
-        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
-    )
+    p = config.prefix_len
+    if p:  # every row starts with the same p tokens: run them once (see TrainConfig)
+        prefix = build_prefix(model, model_config, obs.prompt_tokens[0, :p])
+        s = score_candidates(
+            model,
+            model_config,
+            obs.prompt_tokens[:, p:],
+            obs.prompt_mask[:, p:],
+            obs.candidate_tokens,
+            obs.candidate_mask,
+            prefix=prefix,
+        )
+    else:
+        s = score_candidates(
+            model,
+            model_config,
+            obs.prompt_tokens,
+            obs.prompt_mask,
+            obs.candidate_tokens,
+            obs.candidate_mask,
+            prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+        )
     scores = s.logp_sum if config.score_reduction == "sum" else s.logp_mean
     return ScoreFeatures(scores, s.candidate_hidden, s.prompt_hidden)
 

@@ -48,6 +48,10 @@ class TrainConfig:
     token-level policy over the generated reply, log-probs under ``sampling``.
     Off-policy (DQN, SAC): each ``train_step`` writes the transitions to the replay buffer
     and takes ``updates_per_step`` gradient steps on minibatches of ``replay_batch``.
+    prefix_len: P > 0 when every prompt starts with the same P tokens (the system prompt and
+    the user header) laid out unpadded in columns [0, P) (``tokenization.pad_after_prefix``):
+    score mode then runs that prefix once per call (batch 1) and only the rows' own tokens
+    per row, in acting and in the train step alike.
     """
 
     algorithm: str = "ppo"
@@ -80,6 +84,7 @@ class TrainConfig:
     head_hidden: int = 0
     init_log_alpha: float = -2.0
     memory: MemoryConfig = MemoryConfig()
+    prefix_len: int = 0
 
     def __post_init__(self) -> None:
         check = {
@@ -103,6 +108,13 @@ class TrainConfig:
             )
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError("epochs and minibatches must be >= 1")
+        if self.prefix_len < 0:
+            raise ValueError(f"prefix_len must be >= 0, got {self.prefix_len}")
+        if self.prefix_len and (self.action_mode != "score" or self.memory.enabled):
+            raise ValueError(
+                "prefix_len > 0 (a shared prompt prefix computed once) needs "
+                "action_mode='score' and no memory (memory is spliced inside the prefix)"
+            )
 
     @property
     def off_policy(self) -> bool:
