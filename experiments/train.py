@@ -1,7 +1,9 @@
 """Train an LLM agent online: the project's main command.
 
 By default SmolLM2-135M-Instruct (embedded, no download) learns Blackjack with PPO in score
-mode (it ranks "stay"/"hit"), 32 environments batched, a LoRA adapter and a value head;
+mode (it ranks "stay"/"hit"), 32 environments batched; the LLM stays frozen and a policy
+head and a value head train on its hidden states (``--trainable=lora`` or ``full`` to
+fine-tune the LLM itself); the shared system prompt runs once per call;
 progress bar, periodic greedy evaluation, metrics (JSONL + TensorBoard), checkpoints, and a
 summary table and learning-curve PNG at the end. Every setting is a flag (``--helpfull``);
 invalid combinations fail before anything is compiled. Re-running with the ``--workdir`` of
@@ -9,7 +11,8 @@ an interrupted run resumes it.
 
     python experiments/train.py
     python experiments/train.py --env=tmaze --memory=working --model=tiny --total_steps=4096
-    python experiments/train.py --algo=dqn --trainable=heads --workdir=runs/bj-dqn
+    python experiments/train.py --algo=dqn --workdir=runs/bj-dqn
+    python experiments/train.py --trainable=lora --learning_rate=1e-4
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ TRAIN = os.path.join(ROOT, "experiments", "train.py")
 
 # A tiny PPO run with working memory (so memory is part of what must be restored).
 SMALL = dict(
-    model="tiny", env="tmaze", memory="working", num_envs=4, steps_per_update=4,
+    model="tiny", env="tmaze", memory="working", trainable="lora", num_envs=4, steps_per_update=4,
     total_steps=64, epochs=1, minibatches=2, eval_every=0, eval_episodes=4, eval_envs=4,
     checkpoint_every=1, keep_checkpoints=2, learning_rate=1e-3,
 )  # fmt: skip

@@ -76,6 +76,7 @@ PRESETS: dict[str, Preset] = {
         base=dict(
             model="tiny",
             env="blackjack",
+            trainable="lora",
             num_envs=4,
             steps_per_update=2,
             total_steps=16,

@@ -72,7 +72,9 @@ class ExperimentConfig:
         "Embedded default, 'tiny' (random 2-layer Llama), a hub id or a local directory.",
     )
     action_mode: str = _field("score", "Rank candidate actions or generate a reply.", ACTION_MODES)
-    trainable: str = _field("lora", "What the optimizer updates.", TRAINABLE)
+    trainable: str = _field(
+        "heads", "What the optimizer updates (heads: the LLM stays frozen).", TRAINABLE
+    )
     lora_rank: int = _field(8, "LoRA rank (trainable=lora).")
     lora_alpha: float = _field(16.0, "LoRA alpha (trainable=lora).")
     # Memory.
@@ -86,7 +88,7 @@ class ExperimentConfig:
     # The loop.
     num_envs: int = _field(32, "Environments stepped together (one act call for all).")
     steps_per_update: int = _field(4, "Turns per environment collected per update (T).")
-    total_steps: int = _field(24576, "Environment steps to train for (rounded up to updates).")
+    total_steps: int = _field(4096, "Environment steps to train for (rounded up to updates).")
     prompt_len: int = _field(0, "Prompt width in tokens before memory; 0: the env preset's.")
     max_actions: int = _field(0, "Candidate slots (score mode); 0: the env preset's.")
     candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
@@ -118,7 +120,7 @@ class ExperimentConfig:
     # Bookkeeping.
     seed: int = _field(0, "Seed of parameters, envs and sampling.")
     workdir: str = _field("", "Run directory (metrics, checkpoints, plots); resumed if present.")
-    eval_every: int = _field(8, "Greedy evaluation every this many updates (0: only at the end).")
+    eval_every: int = _field(16, "Greedy evaluation every this many updates (0: only at the end).")
     eval_episodes: int = _field(256, "Episodes per evaluation.")
     eval_envs: int = _field(64, "Environments stepped together during evaluation.")
     checkpoint_every: int = _field(4, "Checkpoint every this many updates (0: only at the end).")
