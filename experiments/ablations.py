@@ -19,6 +19,7 @@ from rllama_jax.experiment.ablation import PRESETS, run_preset
 flags.DEFINE_enum("preset", "smoke", list(PRESETS), "Which grid to run.")
 flags.DEFINE_string("out", None, "Output directory (runs, results.csv/.md, plots).")
 flags.DEFINE_list("seeds", [], "Override the preset's seeds, e.g. 0,1,2.")
+flags.DEFINE_list("envs", [], "Only these of the preset's environments, e.g. tmaze,bandit.")
 flags.DEFINE_integer("total_steps", 0, "Override every cell's environment steps (0: preset).")
 flags.DEFINE_string("model", "", "Override every cell's model (e.g. smollm2-135m-instruct).")
 flags.DEFINE_bool("progress", False, "Progress bar per cell.")
@@ -38,7 +39,11 @@ def main(argv: list[str]) -> None:
         seeds = tuple(int(s) for s in FLAGS.seeds) or None
     except ValueError as err:
         raise app.UsageError(f"--seeds must be integers: {FLAGS.seeds}") from err
-    run_preset(FLAGS.preset, out, seeds=seeds, overrides=overrides, progress=FLAGS.progress)
+    try:
+        run_preset(FLAGS.preset, out, seeds=seeds, overrides=overrides,
+                   envs=tuple(FLAGS.envs) or None, progress=FLAGS.progress)  # fmt: skip
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
     with open(f"{out}/results.md", encoding="utf-8") as f:
         print(f.read())
 

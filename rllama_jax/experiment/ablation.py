@@ -119,13 +119,19 @@ def run_preset(
     *,
     seeds: tuple[int, ...] | None = None,
     overrides: dict[str, Any] | None = None,
+    envs: tuple[str, ...] | None = None,
     progress: bool = False,
     log: Any = print,
 ) -> list[dict[str, Any]]:
-    """Runs (or resumes) every cell of preset ``name`` under ``out``; returns the rows."""
+    """Runs (or resumes) every cell of preset ``name`` under ``out``; returns the rows.
+
+    envs: only these of the preset's environments (default: all)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    grid = cells(PRESETS[name], seeds)
+    unknown = sorted(set(envs or ()) - set(PRESETS[name].envs))
+    if unknown:
+        raise ValueError(f"preset {name!r} has no environments {unknown}")
+    grid = [c for c in cells(PRESETS[name], seeds) if not envs or c[0] in envs]
     if overrides:
         grid = [(e, s, seed, c.replace(**overrides)) for e, s, seed, c in grid]
         for *_, c in grid:
