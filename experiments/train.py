@@ -17,6 +17,9 @@ an interrupted run resumes it.
 
 from __future__ import annotations
 
+import os
+
+import jax
 from absl import app, flags, logging
 
 from rllama_jax.experiment import run_experiment
@@ -26,6 +29,11 @@ from rllama_jax.experiment.run import check_resumable
 define_experiment_flags()
 flags.DEFINE_integer("sigkill_at_update", 0, "Testing only: SIGKILL this process in that update.")
 flags.DEFINE_bool("progress", True, "Show the progress bar.")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(os.path.expanduser("~"), ".cache", "rllama_jax", "xla"),
+    "Persistent XLA compilation cache directory ('' to disable): reruns skip compiling.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -33,6 +41,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    if FLAGS.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     cfg = config_from_flags()
     try:
         cfg.validate()
