@@ -239,7 +239,7 @@ def test_off_policy_transitions_link_next_observations(tok):
 
 
 def _example(rollout):
-    obs = rollout.encode(rollout.raw_obs, rollout.candidates)
-    from rllama_jax.train import Transitions
+    from rllama_jax.rollout import transitions_example
 
-    return Transitions(obs, np.zeros(2, np.int32), np.zeros(2), np.zeros(2), obs, np.ones(2, bool))
+    # Heads-only DQN caches the frozen LLM's features: the replay buffer holds them too.
+    return transitions_example(rollout.train_config, rollout.config, rollout.model_config)
