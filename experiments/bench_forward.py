@@ -2,9 +2,10 @@
 
 Same weights (SmolLM2-135M-Instruct, float32), same batch of tokens, full logits on both
 sides, side by side in one process. Also measures this machine's peak fp32 matmul rate and
-reports the forward's achieved FLOP/s against it.
+reports the forward's achieved FLOP/s against it. ``--layers=both`` also times our forward
+with the layers unrolled (a Python loop over static slices) instead of the default scan.
 
-python experiments/bench_forward.py --batch=8 --seq=128 --repeats=5
+python experiments/bench_forward.py --batch=8 --seq=128 --repeats=5 [--layers=both]
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ flags.DEFINE_integer("repeats", 5, "Timed calls; the median is reported.")
 flags.DEFINE_integer("matmul_size", 2048, "n of the n x n x n fp32 matmul measuring peak.")
 flags.DEFINE_integer("threads", 0, "torch threads (0: all cores).")
 flags.DEFINE_boolean("torch", True, "Also time transformers' PyTorch model.")
+flags.DEFINE_enum(
+    "layers",
+    "scan",
+    ["scan", "unrolled", "both"],
+    "How our forward runs the layers: lax.scan over the stacked weights (the default), a "
+    "Python loop over static slices (forward(..., scan_layers=False)), or both side by side.",
+)
 flags.DEFINE_string("json_out", "", "Write the results as JSON here.")
 
 
@@ -73,8 +81,24 @@ def main(argv: list[str]) -> None:
     # Causal attention: token i attends to i + 1 keys, (t + 1) / 2 on average.
     flops = b * t * config.flops_per_token((t + 1) / 2)
 
-    fwd = jax.jit(lambda p, x, pos, m: forward(p, config, x, pos, m).logits)
+    scan = FLAGS.layers != "unrolled"
+    fwd = jax.jit(lambda p, x, pos, m: forward(p, config, x, pos, m, scan_layers=scan).logits)
     args = [jnp.asarray(a) for a in (tokens, positions, mask)]
+    unrolled = {}
+    if FLAGS.layers == "both":
+        fwd_unrolled = jax.jit(
+            lambda p, x, pos, m: forward(p, config, x, pos, m, scan_layers=False).logits
+        )
+        u_first, u_med, u_times = timed(
+            lambda: fwd_unrolled(params, *args).block_until_ready(), FLAGS.warmup, FLAGS.repeats
+        )
+        unrolled = dict(
+            unrolled_first_call_s=u_first,
+            unrolled_median_s=u_med,
+            unrolled_times_s=u_times,
+            unrolled_tokens_per_s=b * t / u_med,
+            unrolled_gflops=flops / u_med / 1e9,
+        )
     ours_first, ours_med, ours_times = timed(
         lambda: fwd(params, *args).block_until_ready(), FLAGS.warmup, FLAGS.repeats
     )
@@ -93,6 +117,8 @@ def main(argv: list[str]) -> None:
         "ours_tokens_per_s": b * t / ours_med,
         "ours_gflops": flops / ours_med / 1e9,
         "ours_fraction_of_peak": flops / ours_med / peak,
+        "layers": FLAGS.layers,
+        **unrolled,
     }
 
     if FLAGS.torch:
@@ -141,7 +167,11 @@ def main(argv: list[str]) -> None:
         f"{'':8} {'first call s':>12} {'median s':>9} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8}"
     )
     print(header)
+    if unrolled:
+        results["unrolled_fraction_of_peak"] = flops / results["unrolled_median_s"] / peak
     rows = [("ours", "ours")] + ([("torch", "torch")] if FLAGS.torch else [])
+    if FLAGS.layers == "both":
+        rows.insert(1, ("unrolled", "unrolled"))
     for label, key in rows:
         print(
             f"{label:8} {results[f'{key}_first_call_s']:12.2f} {results[f'{key}_median_s']:9.3f} "

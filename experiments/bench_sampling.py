@@ -4,11 +4,14 @@ SmolLM2-135M-Instruct, float32, the same weights on both sides. Prompts are the 
 Blackjack system prompt plus one observation per row (~127 chat-template tokens), greedy,
 exactly ``--new_tokens`` new tokens on both sides (no stop ids; transformers' eos disabled).
 Ours is timed with and without the shared-prefix cache (the system prompt, common to every
-row, run once). Also: a roofline (prefill FLOP/s against the measured peak matmul rate;
-decode time per step against max(FLOP time, time to read the weights and KV cache once at
-the measured memory bandwidth)), and candidate scoring against generating a few tokens.
+row, run once), on the parameters as loaded (layer stacks) and on weights split per layer
+once (``unstack_layers``, what an agent re-does after each update). Also: a roofline
+(prefill FLOP/s against the measured peak matmul rate; decode time per step against
+max(FLOP time, time to read the weights and KV cache once at the measured memory
+bandwidth)), transformers' own prefill / decode split, and candidate scoring against
+generating a few tokens.
 
-python experiments/bench_sampling.py --batches=1,8,32 --repeats=2
+python experiments/bench_sampling.py --batches=1,8,32 --repeats=3
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from rllama_jax.models import DEFAULT_MODEL, load_pretrained
+from rllama_jax.models.llama import unstack_layers
 from rllama_jax.models.loading import export_hf_dir
 from rllama_jax.sampling import (
     SamplingConfig,
@@ -49,6 +53,12 @@ flags.DEFINE_integer("score_batch", 32, "Rows for the candidate-scoring comparis
 flags.DEFINE_list("num_candidates", ["2", "8"], "Candidate counts to score.")
 flags.DEFINE_integer("score_gen_tokens", 4, "Tokens generated in the scoring comparison.")
 flags.DEFINE_boolean("torch", True, "Also time transformers' generate.")
+flags.DEFINE_boolean(
+    "split",
+    True,
+    "Also time generate on weights split per layer once (unstack_layers), as an agent that "
+    "re-splits after each update would call it.",
+)
 flags.DEFINE_integer("threads", 0, "torch threads (0: all cores).")
 flags.DEFINE_integer("matmul_size", 2048, "n of the n^3 fp32 matmul measuring peak FLOP/s.")
 flags.DEFINE_integer("bandwidth_mb", 1024, "MB read when measuring memory bandwidth.")
@@ -181,6 +191,13 @@ def main(argv: list[str]) -> None:
         prefix_tokens=len(prefix_ids), build_prefix_s=prefix_s, build_prefix_first_s=prefix_first
     )
     key = jax.random.key(0)
+    split = None
+    if FLAGS.split:
+        split_first, split_s, _ = timed(
+            lambda: jax.block_until_ready(unstack_layers(params)), FLAGS.repeats
+        )
+        split = jax.block_until_ready(unstack_layers(params))
+        results.update(unstack_layers_s=split_s, unstack_layers_first_s=split_first)
 
     for b in [int(x) for x in FLAGS.batches]:
         convs = conversations(b)
@@ -200,25 +217,39 @@ def main(argv: list[str]) -> None:
                 generate(params, config, t, m, key, one)
             ),
         }
+        if split is not None:
+            fns.update(
+                ours_split=lambda t=tokens, m=mask: jax.block_until_ready(
+                    generate(split, config, t, m, key, greedy)
+                ),
+                ours_split_prefix=lambda t=s_tokens, m=s_mask: jax.block_until_ready(
+                    generate(split, config, t, m, key, greedy, prefix=prefix)
+                ),
+                ours_split_prefill=lambda t=tokens, m=mask: jax.block_until_ready(
+                    generate(split, config, t, m, key, one)
+                ),
+            )
         if torch_model is not None:
             import torch
 
             x = torch.tensor(tokens, dtype=torch.long)
             am = torch.tensor(mask, dtype=torch.long)
 
-            def theirs(x=x, am=am):
+            def theirs(x=x, am=am, new=n):
                 with torch.inference_mode():
                     return torch_model.generate(
                         input_ids=x,
                         attention_mask=am,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
+                        max_new_tokens=new,
+                        min_new_tokens=new,
                         do_sample=False,
                         eos_token_id=None,
                         pad_token_id=0,
                     )
 
             fns["torch"] = theirs
+            # transformers' prefill (one new token), to split its time the same way as ours.
+            fns["torch_prefill"] = lambda theirs=theirs: theirs(new=1)
         first, med, times = interleaved(fns, FLAGS.repeats)
         row: dict[str, object] = {
             "prompt_tokens_max": int(mask.sum(1).max()),
@@ -231,7 +262,15 @@ def main(argv: list[str]) -> None:
         }
         out, out_p = fns["ours"](), fns["ours_prefix"]()
         row["prefix_tokens_equal"] = bool(np.array_equal(out.tokens, out_p.tokens))
-        prefill_flops = b * length * config.flops_per_token((length + 1) / 2)
+        if split is not None:
+            row["split_tokens_equal"] = bool(
+                np.array_equal(out.tokens, fns["ours_split"]().tokens)
+                and np.array_equal(out.tokens, fns["ours_split_prefix"]().tokens)
+            )
+        # The prefill computes logits at the last position only.
+        head_flops = 2.0 * config.hidden_size * config.vocab_size
+        prefill_flops = b * length * (config.flops_per_token((length + 1) / 2) - head_flops)
+        prefill_flops += b * head_flops
         step_s = (med["ours"] - med["ours_prefill"]) / max(n - 1, 1)
         context = length + n // 2
         kv_bytes = 2 * config.num_layers * b * context * config.num_kv_heads * config.head_dim * 4
@@ -246,6 +285,12 @@ def main(argv: list[str]) -> None:
             decode_step_vs_roofline=step_s / max(step_flop_s, step_mem_s),
             prefix_saves_s=med["ours"] - med["ours_prefix"],
         )
+        if split is not None:
+            split_step_s = (med["ours_split"] - med["ours_split_prefill"]) / max(n - 1, 1)
+            row.update(
+                split_decode_step_s=split_step_s,
+                split_decode_step_vs_roofline=split_step_s / max(step_flop_s, step_mem_s),
+            )
         if torch_model is not None:
             ref = fns["torch"]()[:, length:].numpy()
             assert ref.shape == (b, n), ref.shape
@@ -253,7 +298,15 @@ def main(argv: list[str]) -> None:
                 tokens_equal_fraction=float(np.mean(ref == np.asarray(out.tokens))),
                 speedup=med["torch"] / med["ours"],
                 speedup_prefix=med["torch"] / med["ours_prefix"],
+                torch_prefill_s=med["torch_prefill"],
+                torch_decode_step_s=(med["torch"] - med["torch_prefill"]) / max(n - 1, 1),
+                prefill_speedup=med["torch_prefill"] / med["ours_prefill"],
             )
+            if split is not None:
+                row.update(
+                    speedup_split=med["torch"] / med["ours_split"],
+                    speedup_split_prefix=med["torch"] / med["ours_split_prefix"],
+                )
         results["batches"][str(b)] = row
         print(f"batch {b}: {json.dumps({k: v for k, v in row.items() if k != 'times_s'})}")
 
@@ -268,6 +321,10 @@ def main(argv: list[str]) -> None:
                 generate(params, config, s_tokens, s_mask, key, gen, prefix=prefix)
             )
         }
+        if split is not None:
+            fns[f"generate_{k}_split"] = lambda: jax.block_until_ready(
+                generate(split, config, s_tokens, s_mask, key, gen, prefix=prefix)
+            )
         shapes = {}
         for a in [int(x) for x in FLAGS.num_candidates]:
             c_tokens, c_mask, _ = encode_candidates(tok, [CANDIDATES[:a]] * b)
@@ -288,24 +345,49 @@ def main(argv: list[str]) -> None:
     print()
     print(
         f"generate: {n} new tokens greedy, chat prompt ({results['prefix_tokens']} shared "
-        f"prefix tokens), float32, {cores} cores; new tokens/s (median of {FLAGS.repeats}, "
-        "interleaved)"
+        f"prefix tokens), float32, {cores} cores; new tokens/s (x torch), median of "
+        f"{FLAGS.repeats} interleaved calls. stacked: params as loaded; split: "
+        "unstack_layers(params) passed in; +pfx: shared-prefix cache"
+    )
+    variants = [("ours", "stacked"), ("ours_prefix", "stacked+pfx")]
+    if FLAGS.split:
+        variants += [("ours_split", "split"), ("ours_split_prefix", "split+pfx")]
+    print(f"{'batch':>5} {'L':>4} {'torch':>7} " + " ".join(f"{v:>16}" for _, v in variants))
+    for b, row in results["batches"].items():
+        bi, med = int(b), row["median_s"]
+        th = f"{bi * n / med['torch']:7.1f}" if "torch" in med else f"{'-':>7}"
+        cells = []
+        for name, _ in variants:
+            ratio = f" ({med['torch'] / med[name]:.2f}x)" if "torch" in med else ""
+            cells.append(f"{bi * n / med[name] + 0:>7.1f}{ratio:>9}")
+        print(f"{bi:5d} {row['L']:4d} {th} " + " ".join(cells))
+    print()
+    print(
+        "where the time goes: prefill s (fraction of the in-run matmul peak), decode step ms "
+        "(stacked, split), roofline ms = max(FLOP time at peak, weights + KV cache read once "
+        "at the measured bandwidth), compile s (first call minus median)"
     )
     print(
-        f"{'batch':>5} {'L':>4} {'torch':>7} {'ours':>7} {'ours+pfx':>8} {'x torch':>7} "
-        f"{'x (pfx)':>7} {'compile s':>9} {'prefill':>7} {'step ms':>7} {'roofline ms':>11}"
+        f"{'batch':>5} {'prefill s':>9} {'of peak':>7} {'step':>6} {'split':>6} "
+        f"{'roofline':>8} {'torch prefill s':>15} {'torch step':>10} {'compile':>7} "
+        f"{'compile split':>13}"
     )
     for b, row in results["batches"].items():
-        bi, med, first = int(b), row["median_s"], row["first_s"]
-        th = f"{bi * n / med['torch']:7.1f}" if "torch" in med else f"{'-':>7}"
-        sp = f"{row['speedup']:7.2f}" if "speedup" in row else f"{'-':>7}"
-        spp = f"{row['speedup_prefix']:7.2f}" if "speedup_prefix" in row else f"{'-':>7}"
+        med, first = row["median_s"], row["first_s"]
         roof = max(row["decode_step_flop_bound_s"], row["decode_step_memory_bound_s"])
+        split_step = f"{1e3 * row['split_decode_step_s']:6.1f}" if FLAGS.split else f"{'-':>6}"
+        torch_cells = (
+            f"{row['torch_prefill_s']:15.2f} {1e3 * row['torch_decode_step_s']:10.1f}"
+            if "torch_prefill_s" in row
+            else f"{'-':>15} {'-':>10}"
+        )
+        compile_split = (
+            f"{first['ours_split'] - med['ours_split']:13.1f}" if FLAGS.split else f"{'-':>13}"
+        )
         print(
-            f"{bi:5d} {row['L']:4d} {th} {bi * n / med['ours']:7.1f} "
-            f"{bi * n / med['ours_prefix']:8.1f} {sp} {spp} "
-            f"{first['ours'] - med['ours']:9.1f} {row['prefill_fraction_of_peak']:7.0%} "
-            f"{1e3 * row['decode_step_s']:7.1f} {1e3 * roof:11.1f}"
+            f"{int(b):5d} {med['ours_prefill']:9.2f} {row['prefill_fraction_of_peak']:7.0%} "
+            f"{1e3 * row['decode_step_s']:6.1f} {split_step} {1e3 * roof:8.1f} {torch_cells} "
+            f"{first['ours'] - med['ours']:7.1f} {compile_split}"
         )
     if "scoring" in results:
         sc = results["scoring"]

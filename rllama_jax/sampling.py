@@ -9,6 +9,11 @@ no random numbers when greedy).
 Shapes: ``B`` rows (environments), ``L`` prompt tokens (left-padded), ``N`` new tokens,
 ``A`` candidate actions of at most ``C`` tokens (right-padded), ``P`` shared-prefix tokens,
 ``D`` hidden size, ``V`` vocabulary.
+
+Every entry point takes an optional ``prompt_embeds`` [B, L, D]: input embeddings that replace
+the prompt tokens' own (e.g. with latent-memory soft prompts in some slots; the token ids are
+then ignored for the prompt, the mask still applies). Generated and candidate tokens are always
+embedded as tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rllama_jax.models import KVCache, LlamaConfig, Params, forward, init_cache, lm_head
-from rllama_jax.models.llama import positions_from_mask
+from rllama_jax.models import KVCache, LlamaConfig, Params, embed, forward, init_cache, lm_head
+from rllama_jax.models.llama import positions_from_mask, unstack_cache, unstack_layers
 from rllama_jax.tokenization import bucket_length
 
 __all__ = [
@@ -50,6 +55,10 @@ _TOP_P_CANDIDATES = 128
 # Sampling draws a block of this many vocabulary entries, then a token inside it (exact, and
 # needs two small sets of random numbers instead of one per vocabulary entry).
 _SAMPLE_BLOCK = 256
+# ``generate`` copies stacked layer weights into per-layer buffers for its decode loop from
+# this many new tokens on (the copy costs about as much as 3-8 decode steps save on a
+# 2-core CPU; BENCHMARKS.md, "Generation and scoring").
+_SPLIT_MIN_NEW_TOKENS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,18 +268,31 @@ def prefill(
     prompt_mask: jax.Array,
     extra_slots: int,
     prefix: PrefixCache | None = None,
+    prompt_embeds: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
     """Runs the prompt into a fresh cache with ``extra_slots`` free slots after it.
 
+    prompt_embeds: optional [B, L, D] input embeddings used instead of the tokens'.
     Returns (last_hidden [B, D], last_logits [B, V] float32, cache, next_positions [B]).
     Only the last position's logits are computed (a full [B, L, V] would dominate on small
     models with large vocabularies).
     """
     b, length = prompt_tokens.shape
     cache, p = _start_cache(config, b, length + extra_slots, prefix)
+    if isinstance(params["layers"], (list, tuple)):  # unrolled layers: per-layer buffers
+        cache = unstack_cache(cache)
     mask = prompt_mask.astype(bool)
     positions = positions_from_mask(mask, p)
-    out = forward(params, config, prompt_tokens, positions, mask, cache, compute_logits=False)
+    out = forward(
+        params,
+        config,
+        prompt_tokens if prompt_embeds is None else None,
+        positions,
+        mask,
+        cache,
+        embeds=prompt_embeds,
+        compute_logits=False,
+    )
     last_hidden = out.hidden[:, -1]
     last_logits = lm_head(params, last_hidden, config)
     next_pos = p + jnp.sum(mask, axis=-1).astype(jnp.int32)
@@ -314,21 +336,25 @@ def generate(
     key: jax.Array,
     sampling: SamplingConfig,
     prefix: PrefixCache | None = None,
+    prompt_embeds: jax.Array | None = None,
 ) -> Generation:
     """Samples up to ``sampling.max_new_tokens`` tokens for a left-padded batch.
 
     prompt_tokens, prompt_mask: [B, L]; key: a PRNG key; prefix: the shared-prefix cache
-    the rows continue (their tokens then follow it). The first token comes from the prefill;
+    the rows continue (their tokens then follow it); prompt_embeds: optional [B, L, D] input
+    embeddings of the prompt (see the module docstring). The first token comes from the prefill;
     a ``lax.while_loop`` then feeds each token back through the cache (allocated once inside
     the compiled call, so XLA updates it in place): N - 1 single-token forward passes, and
-    the loop exits as soon as every row has emitted a stop token.
+    the loop exits as soon as every row has emitted a stop token. ``params`` may also be in
+    the per-layer form of ``models.llama.unstack_layers`` (split once per parameter update):
+    the decode loop then needs no copy of the weights at all.
     """
     n = sampling.max_new_tokens
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
     b = prompt_tokens.shape[0]
     last_hidden, logits, cache, pos = prefill(
-        params, config, prompt_tokens, prompt_mask, n - 1, prefix
+        params, config, prompt_tokens, prompt_mask, n - 1, prefix, prompt_embeds
     )
     stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
     keys = jax.random.split(key, n)
@@ -345,11 +371,20 @@ def generate(
         i, _, _, done, *_ = carry
         return (i < n) & ~jnp.all(done)
 
+    # One-token steps are fastest on per-layer weights and cache buffers (no per-step copy
+    # of each layer's slice of the [L, ...] stacks; models.llama.unstack_layers). Callers
+    # can pass params already split (once per update); stacked ones are split here when the
+    # loop is long enough to repay the copy.
+    step_params = params
+    split = isinstance(params["layers"], (list, tuple)) or n >= _SPLIT_MIN_NEW_TOKENS
+    if n > 1 and split:
+        step_params, cache = unstack_layers(params), unstack_cache(cache)
+
     def body(carry):
         i, cache, token, done, tokens, logprobs, mask = carry
         # Token i - 1 sits at position pos + i - 1 and predicts token i.
         out = forward(
-            params,
+            step_params,
             config,
             token[:, None],
             (pos + i - 1)[:, None],
@@ -393,16 +428,24 @@ def sequence_logprobs(
     response_tokens: jax.Array,
     response_mask: jax.Array,
     sampling: SamplingConfig | None = None,
+    prompt_embeds: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Recomputes response log-probs with one full forward pass (what a loss differentiates).
 
-    prompt_*: [B, L] left-padded; response_*: [B, N]. Returns (logprobs [B, N] under the
-    ``sampling`` distribution, zero where ``response_mask`` is False; last prompt hidden
-    state [B, D]). Jitted (config and sampling static); inside another jit it is inlined.
+    prompt_*: [B, L] left-padded; response_*: [B, N]; prompt_embeds: optional [B, L, D]
+    input embeddings of the prompt. Returns (logprobs [B, N] under the ``sampling``
+    distribution, zero where ``response_mask`` is False; last prompt hidden state [B, D]).
+    Jitted (config and sampling static); inside another jit it is inlined.
     """
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
-    out = forward(params, config, tokens, positions_from_mask(mask), mask, compute_logits=False)
+    positions = positions_from_mask(mask)
+    if prompt_embeds is None:
+        out = forward(params, config, tokens, positions, mask, compute_logits=False)
+    else:
+        response_embeds = embed(params, response_tokens, config)
+        embeds = jnp.concatenate([prompt_embeds.astype(response_embeds.dtype), response_embeds], 1)
+        out = forward(params, config, None, positions, mask, embeds=embeds, compute_logits=False)
     length = prompt_tokens.shape[1]
     # Hidden state at position t predicts token t + 1.
     hidden = out.hidden[:, length - 1 : -1]
@@ -432,8 +475,11 @@ def score_candidates(
     candidate_tokens: jax.Array,
     candidate_mask: jax.Array,
     prefix: PrefixCache | None = None,
+    prompt_embeds: jax.Array | None = None,
 ) -> Scores:
     """Log-likelihood of each candidate action string given its row's prompt.
+
+    prompt_embeds: optional [B, L, D] input embeddings of the prompt (module docstring).
 
     The prompt is run once into the cache; all A candidates of a row then go through ONE
     forward call as a single block of A*C tokens whose attention mask lets each candidate
@@ -444,7 +490,7 @@ def score_candidates(
     b, a, c = candidate_tokens.shape
     cmask = candidate_mask.astype(bool)
     prompt_hidden, first_logits, cache, pos = prefill(
-        params, config, prompt_tokens, prompt_mask, a * c, prefix
+        params, config, prompt_tokens, prompt_mask, a * c, prefix, prompt_embeds
     )
     flat_tokens = candidate_tokens.reshape(b, a * c)
     flat_mask = cmask.reshape(b, a * c)

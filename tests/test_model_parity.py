@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from rllama_jax.models import forward, init_cache, load_pretrained, positions_from_mask
+from rllama_jax.models.llama import stack_cache, unstack_cache, unstack_layers
+from rllama_jax.models.lora import LoraConfig, init_lora, with_lora
 from tests.conftest import left_padded_batch
 
 TOL = 1e-4
@@ -97,9 +99,20 @@ def test_config_reads_transformers4_layout(tiny_checkpoint):
     assert LlamaConfig.from_hf_dict(hf5) == cfg
 
 
-@pytest.mark.parametrize("name", ["gqa_untied", "llama3_scaling"])
-def test_cached_decode_matches_full_forward(tiny_checkpoint, name):
-    """Prefill a left-padded batch into the cache, then decode token by token."""
+@pytest.mark.parametrize(
+    "name,layout",
+    [
+        ("gqa_untied", "scan"),
+        ("llama3_scaling", "scan"),
+        ("gqa_untied", "unrolled"),
+        ("gqa_tied", "per_layer"),
+        ("llama3_scaling", "per_layer"),
+    ],
+)
+def test_cached_decode_matches_full_forward(tiny_checkpoint, name, layout):
+    """Prefill a left-padded batch into the cache, then decode token by token: with the
+    layer scan, unrolled over the stacks, or (what ``generate`` does) on per-layer weights
+    and cache buffers split off after the prefill."""
     path, _ = tiny_checkpoint(**CONFIGS[name])
     config, params, _ = load_pretrained(path, tokenizer=False)
     rng = np.random.default_rng(1)
@@ -111,20 +124,55 @@ def test_cached_decode_matches_full_forward(tiny_checkpoint, name):
     full = forward(params, config, full_tokens, positions_from_mask(full_mask), full_mask).logits
 
     cache = init_cache(config, batch=3, size=prompt_len + steps + 3)
-    step = jax.jit(lambda p, t, pos, m, c: forward(p, config, t, pos, m, c))
+    scan = None if layout == "scan" else False
+    step = jax.jit(lambda p, t, pos, m, c: forward(p, config, t, pos, m, c, scan_layers=scan))
     out = step(params, tokens, positions_from_mask(mask), mask, cache)
     logits = [out.logits]
     cache = out.cache
+    if layout == "per_layer":
+        params, cache = unstack_layers(params), unstack_cache(cache)
+        assert len(params["layers"]) == len(cache.k) == config.num_layers
     next_pos = mask.sum(1)
     for i in range(steps):
         out = step(params, new[:, i : i + 1], (next_pos + i)[:, None], np.ones((3, 1)), cache)
         logits.append(out.logits)
         cache = out.cache
     assert int(cache.index) == prompt_len + steps
+    if layout == "per_layer":
+        assert cache.per_layer
+        restacked = stack_cache(cache)
+        assert restacked.k.shape == (
+            config.num_layers,
+            3,
+            cache.size,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        np.testing.assert_array_equal(unstack_cache(restacked).k[1], cache.k[1])
     cached = jnp.concatenate(logits, 1)
     valid = full_mask.astype(bool)
     diff = np.abs(np.asarray(cached)[valid] - np.asarray(full)[valid]).max()
     assert diff < 1e-5, diff
+
+
+def test_layer_loop_forms_agree_with_lora(tiny_checkpoint):
+    """The layer scan, the unrolled loop over the stacks and the per-layer form compute the
+    same thing, adapters included."""
+    path, _ = tiny_checkpoint()
+    config, params, _ = load_pretrained(path, tokenizer=False)
+    lora = LoraConfig(rank=2, targets=("wq", "wv", "w_down"))
+    adapters = init_lora(jax.random.key(0), config, lora)
+    adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # b = 0 would hide a wrong layer
+    params = with_lora(params, adapters, lora)
+    tokens, mask = left_padded_batch(np.random.default_rng(2), config.vocab_size, [9, 4])
+    pos = positions_from_mask(mask)
+    ref = forward(params, config, tokens, pos, mask).logits
+    unrolled = forward(params, config, tokens, pos, mask, scan_layers=False).logits
+    split = forward(unstack_layers(params), config, tokens, pos, mask).logits
+    np.testing.assert_allclose(unrolled, ref, atol=1e-5)
+    np.testing.assert_allclose(split, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="stacked"):
+        forward(unstack_layers(params), config, tokens, pos, mask, scan_layers=True)
 
 
 def test_hidden_states_and_logits_consistent(tiny_checkpoint):

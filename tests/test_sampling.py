@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rllama_jax.models import forward, load_pretrained, positions_from_mask
+from rllama_jax.models.llama import unstack_layers
 from rllama_jax.sampling import (
     SamplingConfig,
     build_prefix,
@@ -116,6 +117,12 @@ def test_greedy_matches_transformers_generate(tiny):
     ref_logp = torch.log_softmax(torch.tensor(scores), -1).numpy()
     ref_logp = np.take_along_axis(ref_logp, ref[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(out.logprobs), ref_logp, atol=1e-4)
+    # The decode loop on weights split by the caller, and (few new tokens) on the stacks.
+    split = generate(unstack_layers(params), config, tokens, mask, jax.random.key(0), greedy(N))
+    np.testing.assert_array_equal(np.asarray(split.tokens), ref)
+    np.testing.assert_allclose(split.logprobs, out.logprobs, atol=TOL)
+    short = generate(params, config, tokens, mask, jax.random.key(0), greedy(3))
+    np.testing.assert_array_equal(np.asarray(short.tokens), ref[:, :3])
 
 
 def test_stop_tokens_and_early_exit_match_transformers(tiny):

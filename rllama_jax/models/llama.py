@@ -1,7 +1,8 @@
 """A Llama decoder as pure functions of an explicit parameter pytree.
 
 Parameter tree (layers stacked on a leading axis ``L`` so the decoder is one ``lax.scan``,
-which keeps compile time flat in depth)::
+which keeps compile time flat in depth; ``unstack_layers`` derives a per-layer form that
+decode loops run unrolled, see there)::
 
     {"embed": [V, D],
      "layers": {"attn_norm": [L, D], "wq": [L, D, H*hd], "wk": [L, D, K*hd],
@@ -39,20 +40,25 @@ _MASK_VALUE = -1e30
 class KVCache:
     """Pre-allocated key/value cache, filled left to right.
 
-    k, v: [L, B, S, K, hd] rotated keys and values (compute dtype).
+    k, v: [L, B, S, K, hd] rotated keys and values (compute dtype); or, in the per-layer
+        form that ``unstack_cache`` makes for decode loops, tuples of L arrays [B, K, S, hd].
     mask: [B, S] bool, True where a slot holds a real (non-padding) token.
     index: [] int32, the next slot to write; shared by all rows (rows are left-aligned by
         padding, so they advance together).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.mask.shape[1]
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (list, tuple))
 
 
 class ModelOutput(NamedTuple):
@@ -82,6 +88,54 @@ def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Arr
     mask = mask.astype(jnp.int32)
     pos = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     return pos + jnp.asarray(offset, jnp.int32).reshape(-1, 1)
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same parameters with the layer stacks split into a tuple of per-layer trees:
+    ``params["layers"][i][name]`` (and ``params["lora"][i]``) instead of ``[name][i]``.
+
+    ``forward`` runs such parameters layer by layer (unrolled) rather than as a scan. For a
+    loop of one-token calls (decoding), split once before the loop: inside it, taking a
+    layer out of the ``[L, ...]`` stacks copies that layer's weights at every step (XLA:CPU
+    materialises the slice before each matmul), which roughly doubles the memory traffic of
+    a memory-bound step. The split itself is one copy of the layer weights per call.
+    """
+    if isinstance(params["layers"], (list, tuple)):
+        return params
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    out = {**params, "layers": tuple(_layer_slice(params["layers"], i) for i in range(n))}
+    if params.get("lora"):
+        out["lora"] = tuple(_layer_slice(params["lora"], i) for i in range(n))
+    return out
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The per-layer form of a stacked cache (see ``KVCache``), for a decode loop: each
+    layer's keys and values become their own ``[B, K, S, hd]`` buffer, updated in place by
+    every step and laid out as the attention matmuls read them (no per-step slice or
+    transpose copies). One copy of the cache per call."""
+    if cache.per_layer:
+        return cache
+
+    def split(x: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(jnp.swapaxes(x[i], 1, 2) for i in range(x.shape[0]))
+
+    return cache.replace(k=split(cache.k), v=split(cache.v))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """The stacked ``[L, B, S, K, hd]`` form of a cache (inverse of ``unstack_cache``)."""
+    if not cache.per_layer:
+        return cache
+
+    def join(xs: tuple[jax.Array, ...]) -> jax.Array:
+        return jnp.stack([jnp.swapaxes(x, 1, 2) for x in xs])
+
+    return cache.replace(k=join(cache.k), v=join(cache.v))
+
+
+def _layer_slice(tree: Params, i: int) -> Params:
+    return jax.tree.map(lambda w: w[i], tree)
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -135,21 +189,28 @@ def _dense(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, dtype: Any
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    allowed: jax.Array,
+    dtype: Any,
+    heads_first: bool = False,
 ) -> jax.Array:
     """Grouped-query attention.
 
-    q: [B, T, H, hd]; k, v: [B, S, K, hd] with H a multiple of K; allowed: [B, T, S] bool.
-    Returns [B, T, H, hd]. Scores and softmax are float32.
+    q: [B, T, H, hd]; k, v: [B, S, K, hd] (or [B, K, S, hd] with ``heads_first``) with H a
+    multiple of K; allowed: [B, T, S] bool. Returns [B, T, H, hd]. Scores and softmax are
+    float32.
     """
     b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if heads_first else 2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv = "bksd" if heads_first else "bskd"
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
     scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
 
 
@@ -179,6 +240,7 @@ def forward(
     embeds: jax.Array | None = None,
     compute_logits: bool = True,
     block_mask: jax.Array | None = None,
+    scan_layers: bool | None = None,
 ) -> ModelOutput:
     """Runs the decoder over ``T`` new tokens.
 
@@ -190,6 +252,11 @@ def forward(
     block_mask: [B, T, T] bool, which new tokens may attend to which new tokens (default:
         causal). Lets several independent continuations of one cached prompt share a call,
         e.g. candidate actions that must not see each other.
+    scan_layers: run the layers as a ``lax.scan`` over the stacks (default for stacked
+        parameters and cache: compiles once per layer shape, and for prompts and training
+        it is as fast as unrolling) or as an unrolled Python loop (``False``; what the
+        per-layer forms from ``unstack_layers`` / ``unstack_cache`` always use). Measured
+        choices: BENCHMARKS.md, "Generation and scoring".
 
     ``params`` may carry low-rank adapters (see ``models.lora``): ``params["lora"] =
     {target: {"a": [L, in, r], "b": [L, r, out]}}`` and a scalar ``params["lora_scale"]``;
@@ -218,9 +285,18 @@ def forward(
         padded = jnp.zeros((within.shape[0], t, cache.size), bool)
         allowed = earlier | jax.lax.dynamic_update_slice(padded, within, (0, 0, index))
 
-    def layer(carry, xs):
-        x, k_all, v_all = carry
-        p, lp, li = xs
+    lora = params.get("lora") or {}
+    lora_scale = params.get("lora_scale", 1.0)
+    per_layer = isinstance(params["layers"], (list, tuple))
+    per_layer_cache = cache is not None and cache.per_layer
+    use_scan = not (per_layer or per_layer_cache) if scan_layers is None else scan_layers
+    if use_scan and (per_layer or per_layer_cache):
+        raise ValueError("scan_layers=True needs stacked layers and a stacked cache")
+
+    def layer(x, p, lp, write_kv):
+        """One decoder layer on x [B, T, D]. ``write_kv(k, v)`` (None without a cache) stores
+        the new keys/values [B, T, K, hd] and returns (keys, values, heads_first, state):
+        everything this layer attends to and the updated cache state, which is returned."""
 
         def proj(name: str, inp: jax.Array) -> jax.Array:
             out = _dense(inp, p[name], dtype)
@@ -233,29 +309,73 @@ def forward(
         q = apply_rope(proj("wq", y).reshape(b, t, nh, hd), cos, sin)
         k = apply_rope(proj("wk", y).reshape(b, t, nk, hd), cos, sin)
         v = proj("wv", y).reshape(b, t, nk, hd)
-        if k_all is not None:
-            k_all = jax.lax.dynamic_update_slice(
-                k_all, k[None].astype(k_all.dtype), (li, 0, index, 0, 0)
-            )
-            v_all = jax.lax.dynamic_update_slice(
-                v_all, v[None].astype(v_all.dtype), (li, 0, index, 0, 0)
-            )
-            k = jax.lax.dynamic_index_in_dim(k_all, li, 0, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(v_all, li, 0, keepdims=False).astype(dtype)
-        attn = attention(q, k, v, allowed, dtype).reshape(b, t, nh * hd)
+        heads_first, state = False, None
+        if write_kv is not None:
+            k, v, heads_first, state = write_kv(k, v)
+        attn = attention(q, k, v, allowed, dtype, heads_first).reshape(b, t, nh * hd)
         x = x + proj("wo", attn)
         y = rms_norm(x, p["mlp_norm"], config.rms_norm_eps, dtype)
         gated = jax.nn.silu(proj("w_gate", y)) * proj("w_up", y)
         x = x + proj("w_down", gated)
-        return (x, k_all, v_all), None
+        return x, state
 
-    k_all = None if cache is None else cache.k
-    v_all = None if cache is None else cache.v
-    layer_ids = jnp.arange(config.num_layers)
-    lora = params.get("lora") or {}
-    lora_scale = params.get("lora_scale", 1.0)
-    xs = (params["layers"], lora, layer_ids)
-    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, k_all, v_all), xs)
+    def write_stacked(k_all, v_all, li):
+        """Writes into the [L, B, S, K, hd] stacks in place; reads layer ``li`` back."""
+
+        def write(k, v):
+            at = (li, 0, index, 0, 0)
+            k_all2 = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all2 = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            k_l = jax.lax.dynamic_index_in_dim(k_all2, li, 0, keepdims=False).astype(dtype)
+            v_l = jax.lax.dynamic_index_in_dim(v_all2, li, 0, keepdims=False).astype(dtype)
+            return k_l, v_l, False, (k_all2, v_all2)
+
+        return write
+
+    def write_layer(k_l, v_l):
+        """Writes into one layer's own [B, K, S, hd] buffers (a per-layer cache)."""
+
+        def write(k, v):
+            at = (0, 0, index, 0)
+            k_l2 = jax.lax.dynamic_update_slice(k_l, jnp.swapaxes(k, 1, 2).astype(k_l.dtype), at)
+            v_l2 = jax.lax.dynamic_update_slice(v_l, jnp.swapaxes(v, 1, 2).astype(v_l.dtype), at)
+            return k_l2.astype(dtype), v_l2.astype(dtype), True, (k_l2, v_l2)
+
+        return write
+
+    k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+    if use_scan:
+        # Stacked weights and cache: one scan step per layer, the whole cache carried.
+        def step(carry, xs):
+            x, k_all, v_all = carry
+            p, lp, li = xs
+            write = None if k_all is None else write_stacked(k_all, v_all, li)
+            x, state = layer(x, p, lp, write)
+            return (x, *(state or (None, None))), None
+
+        xs = (params["layers"], lora, jnp.arange(config.num_layers))
+        (h, k_all, v_all), _ = jax.lax.scan(step, (h, k_all, v_all), xs)
+    else:
+        # Unrolled: each layer's weights are separate arrays (``unstack_layers``) or static
+        # slices of the stacks; a per-layer cache gives each layer its own buffers.
+        ks, vs = [], []
+        for i in range(config.num_layers):
+            p = params["layers"][i] if per_layer else _layer_slice(params["layers"], i)
+            lp = (lora[i] if per_layer else _layer_slice(lora, i)) if lora else {}
+            if cache is None:
+                write = None
+            elif per_layer_cache:
+                write = write_layer(cache.k[i], cache.v[i])
+            else:
+                write = write_stacked(k_all, v_all, i)
+            h, state = layer(h, p, lp, write)
+            if per_layer_cache:
+                ks.append(state[0])
+                vs.append(state[1])
+            elif cache is not None:
+                k_all, v_all = state
+        if per_layer_cache:
+            k_all, v_all = tuple(ks), tuple(vs)
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps, dtype)
     logits = lm_head(params, h, config) if compute_logits else None
     new_cache = None
