@@ -283,11 +283,21 @@ def worker_best(args) -> dict:
     model = load_pretrained(DEFAULT_MODEL)
     prompt_len = args.prompt_len or fitted_prompt_len(model[2])
     _, ScoringBlackjackAgent = make_agent_class()
+    from rllama_jax.feature_cache import FeatureCache
+    from rllama_jax.losses import PPOConfig
+    from rllama_jax.rollout import shared_prefix_length
+    from rllama_jax.train import calibrate_heads
+
+    heads = args.best_trainable == "heads"
+    extra = {}
+    if heads:  # the launcher's frozen-LLM recipe: MLP heads on standardised features
+        extra = {"head_hidden": 256, "head_input_norm": True, "ppo": PPOConfig(ent_coef=0.05)}
     agent = ScoringBlackjackAgent(
         model,
         algorithm="ppo",
         action_mode="score",
         batch_size=args.num_steps,
+        trainable=args.best_trainable,
         lora_rank=16,
         lora_alpha=32.0,
         prompt_len=prompt_len,
@@ -296,7 +306,10 @@ def worker_best(args) -> dict:
         seed=args.seed,
         epochs=4,
         minibatches=args.minibatches,
+        prefix_len=shared_prefix_length(model[2], README_SYSTEM_PROMPT),
+        **extra,
     )
+    cache = FeatureCache(args.feature_cache) if heads and args.feature_cache > 0 else None
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(args.num_envs)]
     rollout = Rollout(
         envs,
@@ -309,6 +322,7 @@ def worker_best(args) -> dict:
         format_observation=agent.format_observation,
         system_prompt=agent.get_system_prompt(),
         candidate_actions=agent.candidate_actions,
+        feature_cache=cache,
     )
     load_s = time.perf_counter() - t0
 
@@ -350,6 +364,8 @@ def worker_best(args) -> dict:
             phase[k] = 0
         t = time.perf_counter()
         state, batch = rollout.collect(state)
+        if it == 0 and agent.train_config.head_input_norm:
+            state = calibrate_heads(state, batch.obs, batch.valid)
         t_collect = time.perf_counter() - t
         t = time.perf_counter()
         device_batch = jax.tree.map(jax.numpy.asarray, batch)
@@ -389,6 +405,9 @@ def worker_best(args) -> dict:
     finished = rollout.finished_returns
     return {
         "side": "ours-best",
+        "trainable": args.best_trainable,
+        "feature_cache": args.feature_cache if cache is not None else 0,
+        "feature_cache_hit_rate": cache.hit_rate if cache is not None else None,
         "num_envs": args.num_envs,
         "num_steps": args.num_steps,
         "best_warmup": args.best_warmup,
@@ -521,6 +540,14 @@ def main() -> None:
     p.add_argument("--candidate-len", type=int, default=2)
     p.add_argument("--best-iters", type=int, default=3)
     p.add_argument("--best-warmup", type=int, default=1)
+    p.add_argument(
+        "--best-trainable", choices=["heads", "lora"], default="heads",
+        help="best side: heads on the frozen LLM (the launcher's default) or LoRA r16",
+    )  # fmt: skip
+    p.add_argument(
+        "--feature-cache", type=int, default=65536,
+        help="best side, heads only: FeatureCache rows (0: the LLM runs every step)",
+    )  # fmt: skip
     p.add_argument("--prompt-len", type=int, default=0, help="0: the smallest that fits")
     p.add_argument("--out-dir", default="/tmp/bench_vs_llamagym")
     args = p.parse_args()
@@ -565,7 +592,9 @@ def main() -> None:
                        f"--minibatches={args.minibatches}",
                        f"--candidate-len={args.candidate_len}",
                        f"--best-iters={args.best_iters}",
-                       f"--best-warmup={args.best_warmup}"]  # fmt: skip
+                       f"--best-warmup={args.best_warmup}",
+                       f"--best-trainable={args.best_trainable}",
+                       f"--feature-cache={args.feature_cache}"]  # fmt: skip
             r = run_json(cmd, out + ".log")
             r["load_before_after"] = f"{load_before} / {load_average()}"
             with open(out + ".json", "w", encoding="utf-8") as f:

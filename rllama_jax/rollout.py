@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rllama_jax.feature_cache import FeatureCache
 from rllama_jax.heads import apply_head
 from rllama_jax.memory import (
     MemoryConfig,
@@ -235,6 +236,8 @@ class Rollout:
     candidate_actions: candidate strings of an observation (default: ``info["candidates"]``).
     format_observation / system_prompt: for envs whose observations are not text yet.
     greedy: act with the most likely action / greedy decoding (evaluation) instead of sampling.
+    feature_cache: memoized frozen-LLM features (``rllama_jax.feature_cache``): a step whose
+    rows were all seen before runs only the heads. Several rollouts may share one.
     """
 
     def __init__(
@@ -251,8 +254,16 @@ class Rollout:
         seeds: list[int] | None = None,
         candidate_actions: Callable[[Any], list[str] | None] | None = None,
         greedy: bool = False,
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         mcfg = train_config.memory
+        if feature_cache is not None and (
+            not train_config.caches_features or mcfg.enabled or train_config.action_mode != "score"
+        ):
+            raise ValueError(
+                "feature_cache needs a frozen LLM (TrainConfig.caches_features: trainable=heads, "
+                "score mode, no latent memory) and prompts without memory (memory disabled)"
+            )
         if mcfg.latent_enabled and mcfg.latent.hidden_size != model_config.hidden_size:
             raise ValueError(
                 f"LatentConfig.hidden_size={mcfg.latent.hidden_size} must equal the model's "
@@ -268,6 +279,7 @@ class Rollout:
         self.extract_action = extract_action
         self.candidate_actions = candidate_actions
         self.greedy = greedy
+        self.feature_cache = feature_cache
         self.format_observation = format_observation or str
         self.system_prompt = system_prompt or envs[0].unwrapped.system_prompt
         self.pad_id = 0
@@ -337,10 +349,17 @@ class Rollout:
 
     def _act(self, state: TrainState, obs: Observation) -> ActOutput:
         self.key, sub = jax.random.split(self.key)
-        return act(
-            state.trainable, state.frozen, state.memory, obs, self.insert_at, sub,
-            self.model_config, self.train_config, self.greedy,
+        cached = None
+        if self.feature_cache is not None:
+            cached = self.feature_cache.lookup(obs)
+        out = act(
+            state.trainable, state.frozen, state.memory,
+            obs if cached is None else obs.replace(features=cached),
+            self.insert_at, sub, self.model_config, self.train_config, self.greedy,
         )  # fmt: skip
+        if self.feature_cache is not None and cached is None:
+            self.feature_cache.insert(obs, out.obs.features)
+        return out
 
     def _look(self, state: TrainState, raw_obs: list[Any], candidates) -> ActOutput:
         """The policy's view (memory spliced) and value of observations it will not act on."""

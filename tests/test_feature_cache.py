@@ -133,3 +133,116 @@ def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
     ]:
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
     assert isinstance(b, Observation)
+
+
+def test_memoized_features_leave_the_rollout_unchanged(tok):
+    """A rollout that skips the LLM for prompts it has seen collects the same batches (same
+    actions, log-probs, values and features) as one that runs the LLM every step."""
+    from rllama_jax.feature_cache import FeatureCache
+
+    cfg = TrainConfig(algorithm="ppo", trainable="heads")
+    state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)),
+                             jax.random.key(1), num_envs=1)  # fmt: skip
+    state = state.replace(
+        trainable={**state.trainable, "heads": jax.tree.map(
+            lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape),
+            state.trainable["heads"])}
+    )  # fmt: skip
+    cache = FeatureCache(capacity=1000)
+    roll = RolloutConfig(num_steps=4, prompt_len=160, max_actions=2, candidate_len=2)
+    plain = Rollout([gym.make("rllama/Blackjack-v0")], tok, MODEL, cfg, roll, seed=5)
+    memo = Rollout([gym.make("rllama/Blackjack-v0")], tok, MODEL, cfg, roll, seed=5,
+                   feature_cache=cache)  # fmt: skip
+    for _ in range(12):
+        _, a = plain.collect(state)
+        _, b = memo.collect(state)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+        for x, y in [(a.old_logp, b.old_logp), (a.old_values, b.old_values),
+                     (a.obs.features.scores, b.obs.features.scores),
+                     (a.obs.features.candidate_hidden, b.obs.features.candidate_hidden),
+                     (a.obs.features.prompt_hidden, b.obs.features.prompt_hidden)]:  # fmt: skip
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+    # 60 single-env acts over Blackjack's ~280 states: repeats must have skipped the LLM.
+    assert cache.hits > 0 and cache.misses > 0
+    assert cache.hits + cache.misses == 12 * 5
+    assert len(cache) == cache.misses
+
+
+def test_feature_cache_is_lru_and_refuses_prompts_with_memory(tok):
+    from rllama_jax.feature_cache import FeatureCache
+    from rllama_jax.memory import MemoryConfig, WorkingConfig
+    from rllama_jax.train import Observation, ScoreFeatures
+
+    def obs(rows):
+        t = np.asarray(rows, np.int32)[:, None].repeat(3, 1)
+        return Observation(t, np.ones_like(t), t[:, None, :2], np.ones_like(t[:, None, :2]),
+                           np.ones((len(rows), 1), bool))  # fmt: skip
+
+    def feats(rows):
+        r = np.asarray(rows, np.float32)
+        return ScoreFeatures(r[:, None], r[:, None, None].repeat(4, 2), r[:, None].repeat(4, 1))
+
+    cache = FeatureCache(capacity=3)
+    assert cache.lookup(obs([1, 2])) is None
+    cache.insert(obs([1, 2]), feats([1, 2]))
+    got = cache.lookup(obs([2, 1, 2]))
+    np.testing.assert_array_equal(got.scores[:, 0], [2, 1, 2])
+    assert got.candidate_hidden.shape == (3, 1, 4)
+    cache.insert(obs([3, 4]), feats([3, 4]))  # evicts the least recently used row: 1
+    assert len(cache) == 3
+    assert cache.lookup(obs([1])) is None
+    assert cache.lookup(obs([2, 3, 4])) is not None
+    assert (cache.hits, cache.misses) == (2, 2)
+    with pytest.raises(ValueError, match="capacity must be positive"):
+        FeatureCache(0)
+    cfg = TrainConfig(algorithm="ppo", trainable="heads",
+                      memory=MemoryConfig(mode="working", working=WorkingConfig(
+                          window=2, max_tokens=8, key_dim=MODEL.hidden_size)))  # fmt: skip
+    with pytest.raises(ValueError, match="prompts without memory"):
+        Rollout([gym.make("rllama/Blackjack-v0")], tok, MODEL, cfg, ROLL,
+                feature_cache=FeatureCache())  # fmt: skip
+
+
+def test_head_input_norm_is_calibrated_once_and_never_trained(tok):
+    """Normalising heads: identity until calibrated, statistics from valid rows only, no
+    gradient reaches them, and DQN's target heads get the same statistics."""
+    from rllama_jax.heads import apply_head, calibrate_head, init_head
+    from rllama_jax.train import calibrate_heads
+
+    x = jax.random.normal(jax.random.key(0), (6, 5)) * jnp.arange(1.0, 6.0) + 3.0
+    plain = init_head(jax.random.key(1), 5, 1, hidden=8)
+    normed = init_head(jax.random.key(1), 5, 1, hidden=8, normalize=True)
+    plain["w"] = normed["w"] = jnp.ones((8, 1))
+    np.testing.assert_allclose(apply_head(normed, x), apply_head(plain, x), rtol=0, atol=1e-6)
+    mask = jnp.array([1, 1, 1, 1, 0, 0], bool)
+    x = x.at[4:].set(1e6)  # masked rows must not move the statistics
+    cal = calibrate_head(normed, x, mask, rel_eps=0.0)
+    z = (x[:4] - cal["in_mean"]) * cal["in_scale"]
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-4)
+    grads = jax.grad(lambda p: apply_head(p, x[:4]).sum())(cal)
+    assert not np.any(np.asarray(grads["in_mean"])) and not np.any(np.asarray(grads["in_scale"]))
+    with pytest.raises(ValueError, match="normalize=True"):
+        calibrate_head(plain, x, mask)
+    with pytest.raises(ValueError, match="head_input_norm"):
+        TrainConfig(trainable="lora", head_input_norm=True)
+
+    cfg = TrainConfig(algorithm="dqn", trainable="heads", head_input_norm=True, head_hidden=8,
+                      replay_batch=4, replay_capacity=16)  # fmt: skip
+    example = transitions_example(cfg, ROLL, MODEL)
+    state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)),
+                             jax.random.key(1), num_envs=2, replay_example=example)  # fmt: skip
+    rollout = Rollout([gym.make("rllama/Blackjack-v0") for _ in range(2)], tok, MODEL, cfg, ROLL)
+    state, batch = rollout.collect_transitions(state)
+    state = calibrate_heads(state, batch.obs, batch.valid)
+    q = state.trainable["heads"]["q"]
+    feats = batch.obs.features.candidate_hidden.reshape(-1, MODEL.hidden_size)
+    np.testing.assert_allclose(q["in_mean"], feats.mean(0), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(state.target["heads"]["q"]["in_scale"], q["in_scale"])
+    before = jax.tree.map(np.asarray, q)
+    state, _ = make_train_step(cfg, MODEL)(state, jax.tree.map(jnp.asarray, batch))
+    after = state.trainable["heads"]["q"]
+    np.testing.assert_array_equal(after["in_mean"], before["in_mean"])
+    np.testing.assert_array_equal(after["in_scale"], before["in_scale"])
+    assert not np.array_equal(after["w"], before["w"])  # the head itself did train

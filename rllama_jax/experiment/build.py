@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import jax
 
 import rllama_jax.envs  # noqa: F401  (registers the rllama/ environments)
 from rllama_jax.experiment.config import ExperimentConfig
+from rllama_jax.feature_cache import FeatureCache
 from rllama_jax.losses import (
     A2CConfig,
     DQNConfig,
@@ -85,13 +87,15 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         top_p=cfg.top_p,
         stop_token_ids=(eos,) if isinstance(eos, int) else (),
     )
-    return TrainConfig(
+    tcfg = TrainConfig(
         algorithm=cfg.algo,
         action_mode=cfg.action_mode,
         trainable=cfg.trainable,
         lora=LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
         learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate,
+        head_hidden=cfg.head_hidden,
+        policy_temperature=cfg.policy_temperature,
         max_grad_norm=cfg.max_grad_norm,
         gamma=cfg.gamma,
         gae_lambda=cfg.gae_lambda,
@@ -115,6 +119,9 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         memory=memory_config(cfg, model_config, tokenizer),
         prefix_len=prefix_len(cfg, tokenizer),
     )  # fmt: skip
+    if cfg.head_norm and tcfg.caches_features:
+        tcfg = dataclasses.replace(tcfg, head_input_norm=True)
+    return tcfg
 
 
 def prefix_len(cfg: ExperimentConfig, tokenizer: Any) -> int:
@@ -126,6 +133,13 @@ def prefix_len(cfg: ExperimentConfig, tokenizer: Any) -> int:
         return shared_prefix_length(tokenizer, env.unwrapped.system_prompt)
     finally:
         env.close()
+
+
+def feature_cache(cfg: ExperimentConfig, tcfg: TrainConfig) -> FeatureCache | None:
+    """The run's memoized frozen-LLM features, or None where they do not apply (the LLM
+    trains, generate mode, or memory in the prompt) or ``cfg.feature_cache`` is 0."""
+    usable = tcfg.caches_features and not tcfg.memory.enabled and tcfg.action_mode == "score"
+    return FeatureCache(cfg.feature_cache) if usable and cfg.feature_cache > 0 else None
 
 
 def rollout_config(cfg: ExperimentConfig, *, num_steps: int | None = None) -> RolloutConfig:

@@ -2,8 +2,10 @@
 
 A checkpoint is taken between updates and holds two items:
 
-* ``state``: the ``TrainState`` (trainable and frozen parameters, optimizer state, target
-  networks, replay buffer, memory, RNG, counters), saved as arrays;
+* ``state``: the ``TrainState`` (trainable parameters, optimizer state, target networks,
+  replay buffer, memory, RNG, counters), saved as arrays. Frozen parameters (the base model
+  under LoRA or heads, a KL reference) are left out: they are what the run's model loads
+  as, and ``restore`` takes them from the fresh state it is given;
 * ``host``: what lives on the host: the environment loop (the environments themselves,
   pickled with their RNGs and mid-episode positions, the current observations, running
   returns, the acting key) and the loop counters, as JSON.
@@ -79,7 +81,9 @@ def restore_rollout_host_state(rollout: Rollout, snapshot: dict[str, Any]) -> No
 
 
 def _to_saveable(state: TrainState) -> TrainState:
-    return state.replace(rng=jax.random.key_data(state.rng))
+    # The frozen parameters (the LLM under LoRA or heads, the KL reference copy) are what
+    # load_model gives back: a checkpoint leaves them out (513 MiB for SmolLM2-135M).
+    return state.replace(rng=jax.random.key_data(state.rng), frozen={})
 
 
 class RunCheckpointer:
@@ -121,7 +125,10 @@ class RunCheckpointer:
             ),
         )
         state = restored["state"]
-        return state.replace(rng=jax.random.wrap_key_data(state.rng)), restored["host"]
+        return (
+            state.replace(rng=jax.random.wrap_key_data(state.rng), frozen=like.frozen),
+            restored["host"],
+        )
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -95,9 +95,25 @@ class ExperimentConfig:
     share_prefix: bool = _field(
         True, "Score mode without memory: run the shared system prompt once per call."
     )
+    feature_cache: int = _field(
+        65536,
+        "Frozen LLM (trainable=heads, score mode, memory none): remember the LLM's features "
+        "of up to this many prompts and skip the LLM when a step's prompts were all seen "
+        "(exact); 0: off. Ignored in other settings.",
+    )
     # Optimisation.
     learning_rate: float = _field(3e-4, "Learning rate of the LLM part (full/lora).")
     head_learning_rate: float = _field(1e-3, "Learning rate of value/Q/policy heads.")
+    head_hidden: int = _field(256, "Hidden width of the value/Q/policy heads; 0: linear heads.")
+    head_norm: bool = _field(
+        True,
+        "Frozen LLM (trainable=heads, score mode): standardise each head's input features per "
+        "dimension with statistics of the first batch (without it, heads on near-identical "
+        "hidden states tend to learn one action for every state). Ignored otherwise.",
+    )
+    policy_temperature: float = _field(
+        1.0, "Score mode: candidate log-likelihoods are divided by this before the softmax."
+    )
     max_grad_norm: float = _field(1.0, "Global gradient-norm clip.")
     gamma: float = _field(1.0, "Discount.")
     gae_lambda: float = _field(0.95, "GAE lambda (PPO, A2C).")
@@ -105,7 +121,7 @@ class ExperimentConfig:
     epochs: int = _field(2, "Passes over each batch (PPO, GRPO).")
     minibatches: int = _field(2, "Minibatches per pass; must divide num_envs x steps_per_update.")
     clip_eps: float = _field(0.2, "PPO/GRPO ratio clip.")
-    ent_coef: float = _field(0.01, "Entropy bonus (PPO, A2C, REINFORCE).")
+    ent_coef: float = _field(0.05, "Entropy bonus (PPO, A2C, REINFORCE).")
     vf_coef: float = _field(0.5, "Value loss weight.")
     kl_coef: float = _field(0.0, "KL penalty to the reference model (PPO kl_coef, GRPO beta).")
     group_size: int = _field(8, "GRPO: environments per seed group.")
@@ -181,6 +197,10 @@ class ExperimentConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_hidden < 0 or self.feature_cache < 0:
+            raise ValueError("--head_hidden and --feature_cache must be >= 0")
+        if not self.policy_temperature > 0:
+            raise ValueError(f"--policy_temperature must be > 0, got {self.policy_temperature}")
         if self.algo not in OFF_POLICY and self.steps_per_batch % self.minibatches:
             raise ValueError(
                 f"a batch of --num_envs x --steps_per_update = {self.steps_per_batch} turns is "
@@ -231,7 +251,7 @@ class ExperimentConfig:
 # Settings a resumed run may change without breaking the experiment it continues.
 RESUMABLE_CHANGES = frozenset(
     {"total_steps", "workdir", "eval_every", "eval_episodes", "eval_envs", "checkpoint_every",
-     "keep_checkpoints", "wandb_project"}
+     "keep_checkpoints", "wandb_project", "feature_cache"}
 )  # fmt: skip
 
 

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from rllama_jax.experiment.build import extract_action, make_envs
+from rllama_jax.experiment.build import feature_cache as build_feature_cache
 from rllama_jax.experiment.config import ExperimentConfig
+from rllama_jax.feature_cache import FeatureCache
 from rllama_jax.memory import init_memory
 from rllama_jax.models import LlamaConfig
 from rllama_jax.rollout import Rollout, RolloutConfig
@@ -56,11 +58,14 @@ def evaluate(
     greedy: bool = True,
     seed: int | None = None,
     steps_per_collect: int = 4,
+    feature_cache: FeatureCache | None = None,
 ) -> EvalResult:
     """Mean return of ``episodes`` episodes of the policy in ``state`` (see module doc).
 
     seed: environment seeds are ``seed + i`` (default: a fixed offset from ``cfg.seed``, the
     same every call, so successive evaluations of a run compare on the same episodes).
+    feature_cache: memoized frozen-LLM features to use (e.g. the training loop's); by default
+    one is made for this call when ``cfg`` and the train config allow it.
     """
     num_envs = min(num_envs, episodes)
     quota = -(-episodes // num_envs)
@@ -77,6 +82,7 @@ def evaluate(
         ),
         seed=seed, extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
         greedy=greedy,
+        feature_cache=feature_cache or build_feature_cache(cfg, train_config),
     )  # fmt: skip
     running = np.zeros(num_envs)
     done: list[list[float]] = [[] for _ in range(num_envs)]

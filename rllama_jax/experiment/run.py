@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from rllama_jax.experiment.build import (
     extract_action,
+    feature_cache,
     load_model,
     make_envs,
     rollout_config,
@@ -39,7 +40,7 @@ from rllama_jax.experiment.config import ExperimentConfig, incompatible_changes
 from rllama_jax.experiment.evaluation import EvalResult, evaluate
 from rllama_jax.experiment.metrics import MetricsWriter, plot_learning_curve
 from rllama_jax.rollout import Rollout, transitions_example
-from rllama_jax.train import init_train_state, make_train_step
+from rllama_jax.train import calibrate_heads, init_train_state, make_train_step
 
 RECENT_EPISODES = 100
 
@@ -118,9 +119,11 @@ def run_experiment(
     model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
     tcfg = train_config(cfg, model_config, tokenizer)
     rcfg = rollout_config(cfg)
+    features = feature_cache(cfg, tcfg)  # shared by the training and evaluation loops
     rollout = Rollout(
         make_envs(cfg, cfg.num_envs), tokenizer, model_config, tcfg, rcfg, seed=cfg.seed,
         extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
+        feature_cache=features,
     )  # fmt: skip
     example = transitions_example(tcfg, rcfg, model_config) if tcfg.off_policy else None
     state = init_train_state(
@@ -147,7 +150,7 @@ def run_experiment(
     def run_eval() -> EvalResult:
         return evaluate(
             state, cfg, model_config, tcfg, tokenizer, episodes=cfg.eval_episodes,
-            num_envs=cfg.eval_envs, greedy=True,
+            num_envs=cfg.eval_envs, greedy=True, feature_cache=features,
         )  # fmt: skip
 
     total = cfg.num_updates
@@ -159,6 +162,8 @@ def run_experiment(
         t0 = time.perf_counter()
         collect = rollout.collect_transitions if tcfg.off_policy else rollout.collect
         state, batch = collect(state)
+        if update == 0 and tcfg.head_input_norm:  # statistics of the first batch, then fixed
+            state = calibrate_heads(state, batch.obs, batch.valid)
         t1 = time.perf_counter()
         if sigkill_at_update and update + 1 == sigkill_at_update:
             checkpointer.manager.wait_until_finished()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rllama_jax.heads import init_head
+from rllama_jax.heads import calibrate_head, init_head
 from rllama_jax.losses import (
     A2CConfig,
     DQNConfig,
@@ -82,6 +82,7 @@ class TrainConfig:
     replay_batch: int = 32
     updates_per_step: int = 1
     head_hidden: int = 0
+    head_input_norm: bool = False
     init_log_alpha: float = -2.0
     memory: MemoryConfig = MemoryConfig()
     prefix_len: int = 0
@@ -110,6 +111,11 @@ class TrainConfig:
             raise ValueError("epochs and minibatches must be >= 1")
         if self.prefix_len < 0:
             raise ValueError(f"prefix_len must be >= 0, got {self.prefix_len}")
+        if self.head_input_norm and not self.caches_features:
+            raise ValueError(
+                "head_input_norm standardises the frozen LLM's features: it needs "
+                "trainable='heads', action_mode='score' and no latent memory"
+            )
         if self.prefix_len and (self.action_mode != "score" or self.memory.enabled):
             raise ValueError(
                 "prefix_len > 0 (a shared prompt prefix computed once) needs "
@@ -252,7 +258,7 @@ def init_train_state(
     d = model_config.hidden_size
     head_keys = jax.random.split(k_heads, max(1, len(config.head_names)))
     trainable["heads"] = {
-        name: init_head(k, d, 1, config.head_hidden)
+        name: init_head(k, d, 1, config.head_hidden, normalize=config.head_input_norm)
         for name, k in zip(config.head_names, head_keys, strict=False)
     }
     if config.algorithm == "sac":
@@ -287,3 +293,38 @@ def init_train_state(
         step=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def calibrate_heads(state: TrainState, obs: Any, valid: Any) -> TrainState:
+    """Sets the input standardisation of every head (``TrainConfig.head_input_norm``) from
+    the frozen-LLM features of a collected batch, and copies it into the target heads.
+
+    obs: an ``Observation`` with ``features`` (leading dims [N, T] of a ``Batch`` or [N*T] of
+    ``Transitions``); valid: bool of those leading dims. Policy and Q heads read candidate
+    hidden states (valid candidates only), the value head the prompt's. Call it once, on the
+    first batch, before the first ``train_step`` (the launcher does); the statistics are then
+    part of the parameters and checkpointed with them.
+    """
+    f = obs.features
+    if f is None:
+        raise ValueError("calibrate_heads needs observations with frozen-LLM features")
+    valid = jnp.asarray(valid, bool)
+    heads = dict(state.trainable["heads"])
+    for name, head in heads.items():
+        if name == "value":
+            heads[name] = calibrate_head(head, f.prompt_hidden, valid)
+        else:
+            mask = valid[..., None] & jnp.asarray(obs.action_mask, bool)
+            heads[name] = calibrate_head(head, f.candidate_hidden, mask)
+    trainable = {**state.trainable, "heads": heads}
+    target = state.target
+    if target:
+        stats = ("in_mean", "in_scale")
+        target = {
+            **target,
+            "heads": {
+                n: {**h, **{k: jnp.copy(heads[n][k]) for k in stats}}
+                for n, h in target["heads"].items()
+            },
+        }
+    return state.replace(trainable=trainable, target=target)
