@@ -15,6 +15,7 @@ import time
 from absl import app, flags, logging
 
 from rllama_jax.experiment import evaluate, load_run
+from rllama_jax.experiment.build import feature_cache
 
 flags.DEFINE_string("run", None, "Workdir of a run made by experiments/train.py.", required=True)
 flags.DEFINE_integer("step", -1, "Checkpoint (update count) to evaluate; -1: the latest.")
@@ -38,12 +39,13 @@ def main(argv: list[str]) -> None:
     )
     results = {"run": FLAGS.run, "step": int(state.step), "episodes": FLAGS.episodes}
     print(f"{cfg.env} / {cfg.algo} / {cfg.model}: checkpoint after {int(state.step)} updates")
+    features = feature_cache(cfg, tcfg, FLAGS.run)  # frozen LLM: what the run computed
     for mode in FLAGS.modes:
         start = time.perf_counter()
         res = evaluate(
             state, cfg, model_config, tcfg, tokenizer, episodes=FLAGS.episodes,
             num_envs=FLAGS.num_envs, greedy=mode == "greedy",
-            seed=None if FLAGS.seed < 0 else FLAGS.seed,
+            seed=None if FLAGS.seed < 0 else FLAGS.seed, feature_cache=features,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         print(f"  {mode:<8} return {res}  ({seconds:.0f} s)")

@@ -39,7 +39,13 @@ from rllama_jax.models.lora import LoraConfig
 from rllama_jax.rollout import Rollout, RolloutConfig, act, transitions_example
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.tokenization import decode_responses
-from rllama_jax.train import Batch, TrainConfig, init_train_state, make_train_step
+from rllama_jax.train import (
+    Batch,
+    TrainConfig,
+    calibrate_heads,
+    init_train_state,
+    make_train_step,
+)
 from rllama_jax.train.batch import Observation
 
 
@@ -164,6 +170,7 @@ class RLlamaAgent:
         self._episode: list[_Turn] = []
         self._insert_at: np.ndarray | None = None
         self._encoder: Rollout | None = None
+        self._calibrated = False
 
     # ------------------------------------------------------------------ subclass hooks
     def get_system_prompt(self) -> str:
@@ -180,6 +187,12 @@ class RLlamaAgent:
         return None
 
     # ------------------------------------------------------------------ helpers
+    def _calibrate(self, batch: Any) -> None:
+        """With ``head_input_norm``: standardise the heads' inputs once, on the first batch."""
+        if self.train_config.head_input_norm and not self._calibrated:
+            self.state = calibrate_heads(self.state, batch.obs, batch.valid)
+            self._calibrated = True
+
     def _memory_config(
         self, mode, capacity, k, window, tokens, memory_mode, latent_slots, latent_dim
     ) -> MemoryConfig:
@@ -332,6 +345,7 @@ class RLlamaAgent:
         else:
             batch = self._batch(self._turns[: self.batch_size])
         self._turns = self._turns[self.batch_size :]
+        self._calibrate(batch)
         self.state, metrics = self._train_step(self.state, batch)
         return {k: float(v) for k, v in metrics.items()}
 
@@ -415,6 +429,7 @@ class RLlamaAgent:
                 self.state, batch = rollout.collect_transitions(self.state)
             else:
                 self.state, batch = rollout.collect(self.state)
+            self._calibrate(batch)
             self.state, metrics = self._train_step(self.state, jax.tree.map(jnp.asarray, batch))
             recent = rollout.finished_returns[-100:]
             history.append(
@@ -452,6 +467,7 @@ class RLlamaAgent:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), abstract)
         self.state = restored.replace(rng=jax.random.wrap_key_data(restored.rng))
+        self._calibrated = True  # the statistics (if any) came with the parameters
 
 
 Agent = RLlamaAgent

@@ -26,7 +26,9 @@ class FeatureCache:
 
     capacity: rows kept (each costs ``(A + 1) * D + A`` float32 numbers: 7 KB for SmolLM2-135M
     with two candidates). ``lookup`` returns features for a whole batch only when every row
-    hits, so a step either runs the LLM for all rows (and ``insert`` stores them) or for none.
+    hits; otherwise the caller computes the ``missing`` rows (``Rollout`` runs the LLM on just
+    those, padded to a power of two) and ``insert``s them. ``hits`` / ``misses`` count act
+    calls that did not / did run the LLM.
     """
 
     def __init__(self, capacity: int = 65536) -> None:
@@ -52,21 +54,31 @@ class FeatureCache:
         ]
         return [b"".join(p[i].tobytes() for p in parts) for i in range(parts[0].shape[0])]
 
-    def lookup(self, obs: Observation) -> ScoreFeatures | None:
+    def lookup(self, obs: Observation, count: bool = True) -> ScoreFeatures | None:
         """Features ``[B, A]``, ``[B, A, D]``, ``[B, D]`` for the batch ``obs`` [B, ...] if every
-        row is cached, else None (nothing is counted as a hit then)."""
+        row is cached, else None. count: add the call to ``hits`` / ``misses``."""
         keys = self._keys(obs)
         found = []
         for k in keys:
             row = self._rows.get(k)
             if row is None:
-                self.misses += 1
+                self.misses += count
                 return None
             found.append(row)
         for k in keys:
             self._rows.move_to_end(k)
-        self.hits += 1
+        self.hits += count
         return ScoreFeatures(*(np.stack(parts) for parts in zip(*found, strict=True)))
+
+    def missing(self, obs: Observation) -> list[int]:
+        """Indices of the rows of ``obs`` that are not cached, one per distinct row."""
+        seen: set[bytes] = set()
+        out = []
+        for i, k in enumerate(self._keys(obs)):
+            if k not in self._rows and k not in seen:
+                seen.add(k)
+                out.append(i)
+        return out
 
     def insert(self, obs: Observation, features: ScoreFeatures) -> None:
         """Stores every row of ``features`` (as computed for ``obs``)."""
@@ -79,6 +91,39 @@ class FeatureCache:
             self._rows.move_to_end(k)
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
+
+    def save(self, path: str) -> None:
+        """Writes every row to ``path`` (``.npz``), oldest first, so a later process (e.g.
+        ``experiments/evaluate.py`` on the run's workdir) starts warm."""
+        if not self._rows:
+            return
+        keys = list(self._rows)
+        if len({len(k) for k in keys}) != 1:
+            raise ValueError("FeatureCache.save needs rows of one layout (one run's prompts)")
+        parts = list(zip(*self._rows.values(), strict=True))
+        np.savez(
+            path,
+            keys=np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1),
+            scores=np.stack(parts[0]),
+            candidate_hidden=np.stack(parts[1]),
+            prompt_hidden=np.stack(parts[2]),
+        )
+
+    @classmethod
+    def load(cls, path: str, capacity: int = 65536) -> FeatureCache:
+        """A cache holding the rows ``save`` wrote to ``path`` (the newest ``capacity``).
+        Only valid for the same model and prompt layout: keys are token ids."""
+        cache = cls(capacity)
+        with np.load(path) as data:
+            rows = zip(
+                data["keys"], data["scores"], data["candidate_hidden"], data["prompt_hidden"],
+                strict=True,
+            )  # fmt: skip
+            for key, *features in rows:
+                cache._rows[key.tobytes()] = tuple(features)
+        while len(cache._rows) > capacity:
+            cache._rows.popitem(last=False)
+        return cache
 
     @property
     def hit_rate(self) -> float:

@@ -61,6 +61,7 @@ from rllama_jax.train import (
     Transitions,
     evaluate_score,
     prompt_embeddings,
+    score_features,
 )
 from rllama_jax.train.state import memory_adapter, policy_params
 
@@ -168,6 +169,15 @@ def act(
     )
     keys = gen.last_hidden.astype(jnp.float32) if query is None else query
     return ActOutput(obs, None, gen.tokens, gen.mask, gen.logprobs, values, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "config"))
+def _frozen_features(
+    trainable: Any, frozen: Any, obs: Observation, model_config: LlamaConfig, config: TrainConfig
+) -> ScoreFeatures:
+    """``score_features`` of memory-free observations [M, ...] (feature-cache misses)."""
+    model = policy_params(trainable, frozen, config)
+    return score_features(model, obs, model_config, config)
 
 
 def transitions_example(
@@ -351,7 +361,7 @@ class Rollout:
         self.key, sub = jax.random.split(self.key)
         cached = None
         if self.feature_cache is not None:
-            cached = self.feature_cache.lookup(obs)
+            cached = self._cached_features(state, obs)
         out = act(
             state.trainable, state.frozen, state.memory,
             obs if cached is None else obs.replace(features=cached),
@@ -360,6 +370,30 @@ class Rollout:
         if self.feature_cache is not None and cached is None:
             self.feature_cache.insert(obs, out.obs.features)
         return out
+
+    def _cached_features(self, state: TrainState, obs: Observation) -> ScoreFeatures | None:
+        """All rows' frozen-LLM features from the cache, after running the LLM on only the
+        rows it lacks (padded to a power of two, >= 8); None when every row is new (then
+        ``act`` computes them for the whole batch)."""
+        cache = self.feature_cache
+        found = cache.lookup(obs)
+        if found is not None:
+            return found
+        missing = cache.missing(obs)
+        n = obs.prompt_tokens.shape[0]
+        size = max(8, 1 << (len(missing) - 1).bit_length())
+        if size >= n:
+            return None
+        rows = np.asarray(missing + [missing[-1]] * (size - len(missing)))
+        part = jax.tree.map(lambda x: np.asarray(x)[rows], obs)
+        feats = _frozen_features(
+            state.trainable, state.frozen, part, self.model_config, self.train_config
+        )
+        k = len(missing)
+        cache.insert(
+            jax.tree.map(lambda x: x[:k], part), jax.tree.map(lambda x: np.asarray(x)[:k], feats)
+        )
+        return cache.lookup(obs, count=False)
 
     def _look(self, state: TrainState, raw_obs: list[Any], candidates) -> ActOutput:
         """The policy's view (memory spliced) and value of observations it will not act on."""

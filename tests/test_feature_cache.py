@@ -136,24 +136,29 @@ def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
 
 
 def test_memoized_features_leave_the_rollout_unchanged(tok):
-    """A rollout that skips the LLM for prompts it has seen collects the same batches (same
-    actions, log-probs, values and features) as one that runs the LLM every step."""
+    """A rollout that skips the LLM for prompts it has seen (and runs it on only the unseen
+    rows of a step, packed into a smaller batch) collects the same batches (actions,
+    log-probs, values, features) as one that runs the LLM on every row of every step."""
     from rllama_jax.feature_cache import FeatureCache
 
     cfg = TrainConfig(algorithm="ppo", trainable="heads")
+    n = 16
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)),
-                             jax.random.key(1), num_envs=1)  # fmt: skip
+                             jax.random.key(1), num_envs=n)  # fmt: skip
     state = state.replace(
         trainable={**state.trainable, "heads": jax.tree.map(
             lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape),
             state.trainable["heads"])}
     )  # fmt: skip
     cache = FeatureCache(capacity=1000)
+    inserted = []
+    insert = cache.insert
+    cache.insert = lambda obs, f: (inserted.append(obs.prompt_tokens.shape[0]), insert(obs, f))
     roll = RolloutConfig(num_steps=4, prompt_len=160, max_actions=2, candidate_len=2)
-    plain = Rollout([gym.make("rllama/Blackjack-v0")], tok, MODEL, cfg, roll, seed=5)
-    memo = Rollout([gym.make("rllama/Blackjack-v0")], tok, MODEL, cfg, roll, seed=5,
-                   feature_cache=cache)  # fmt: skip
-    for _ in range(12):
+    envs = lambda: [gym.make("rllama/Blackjack-v0") for _ in range(n)]  # noqa: E731
+    plain = Rollout(envs(), tok, MODEL, cfg, roll, seed=5)
+    memo = Rollout(envs(), tok, MODEL, cfg, roll, seed=5, feature_cache=cache)
+    for _ in range(8):
         _, a = plain.collect(state)
         _, b = memo.collect(state)
         np.testing.assert_array_equal(a.actions, b.actions)
@@ -162,14 +167,15 @@ def test_memoized_features_leave_the_rollout_unchanged(tok):
                      (a.obs.features.scores, b.obs.features.scores),
                      (a.obs.features.candidate_hidden, b.obs.features.candidate_hidden),
                      (a.obs.features.prompt_hidden, b.obs.features.prompt_hidden)]:  # fmt: skip
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
-    # 60 single-env acts over Blackjack's ~280 states: repeats must have skipped the LLM.
-    assert cache.hits > 0 and cache.misses > 0
-    assert cache.hits + cache.misses == 12 * 5
-    assert len(cache) == cache.misses
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+    # 16 envs x 40 acts over Blackjack's ~280 states: the first acts run the whole batch,
+    # later ones only the few unseen rows (<= 7 of them, in one 8-row call) or nothing.
+    assert cache.hits + cache.misses == 8 * 5
+    assert inserted[0] == n and any(k < 8 for k in inserted)
+    assert cache.hits > 0
 
 
-def test_feature_cache_is_lru_and_refuses_prompts_with_memory(tok):
+def test_feature_cache_is_lru_and_refuses_prompts_with_memory(tok, tmp_path):
     from rllama_jax.feature_cache import FeatureCache
     from rllama_jax.memory import MemoryConfig, WorkingConfig
     from rllama_jax.train import Observation, ScoreFeatures
@@ -194,6 +200,11 @@ def test_feature_cache_is_lru_and_refuses_prompts_with_memory(tok):
     assert cache.lookup(obs([1])) is None
     assert cache.lookup(obs([2, 3, 4])) is not None
     assert (cache.hits, cache.misses) == (2, 2)
+    path = str(tmp_path / "features.npz")  # save / load keeps the rows and their order
+    cache.save(path)
+    again = FeatureCache.load(path, capacity=2)  # the 2 most recently used: 3 and 4
+    assert len(again) == 2 and again.lookup(obs([2])) is None
+    np.testing.assert_array_equal(again.lookup(obs([4, 3])).prompt_hidden[:, 0], [4, 3])
     with pytest.raises(ValueError, match="capacity must be positive"):
         FeatureCache(0)
     cfg = TrainConfig(algorithm="ppo", trainable="heads",
@@ -246,3 +257,27 @@ def test_head_input_norm_is_calibrated_once_and_never_trained(tok):
     np.testing.assert_array_equal(after["in_mean"], before["in_mean"])
     np.testing.assert_array_equal(after["in_scale"], before["in_scale"])
     assert not np.array_equal(after["w"], before["w"])  # the head itself did train
+
+
+def test_dqn_acts_epsilon_greedily_on_its_q_values():
+    """DQN's acting policy is epsilon-greedy over its Q head, not the LLM's candidate scores
+    (which here prefer the other action)."""
+    from rllama_jax.train import Observation, ScoreFeatures, evaluate_score
+
+    cfg = TrainConfig(algorithm="dqn", trainable="heads", head_hidden=0)
+    d = MODEL.hidden_size
+    h = jax.random.normal(jax.random.key(0), (3, 3, d))
+    heads = {"q": {"w": jax.random.normal(jax.random.key(1), (d, 1)), "b": jnp.zeros(1)}}
+    q = np.asarray(h @ heads["q"]["w"])[..., 0]
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], bool)
+    scores = -10.0 * np.eye(3, dtype=np.float32)[np.argmax(np.where(mask, q, -1e9), -1)]
+    t = np.zeros((3, 4), np.int32)
+    obs = Observation(t, t, np.zeros((3, 3, 2), np.int32), np.zeros((3, 3, 2), np.int32), mask,
+                      features=ScoreFeatures(jnp.asarray(scores), h, h[:, 0]))  # fmt: skip
+    ev = evaluate_score({}, heads, obs, MODEL, cfg)
+    probs = np.exp(np.asarray(ev.log_probs))
+    best = np.argmax(np.where(mask, q, -1e9), -1)
+    eps, n = cfg.dqn.epsilon, mask.sum(-1)
+    expected = np.where(mask, eps / n[:, None], 0.0)
+    expected[np.arange(3), best] += 1 - eps
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -105,12 +106,18 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         sampling=sampling,
         ppo=PPOConfig(
             clip_eps=cfg.clip_eps, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-            kl_coef=cfg.kl_coef,
+            kl_coef=cfg.kl_coef, normalize_advantages=cfg.normalize_advantages,
         ),
-        a2c=A2CConfig(vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef),
-        reinforce=ReinforceConfig(vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef),
+        a2c=A2CConfig(
+            vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+            normalize_advantages=cfg.normalize_advantages,
+        ),
+        reinforce=ReinforceConfig(
+            vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
+            normalize_returns=cfg.normalize_advantages,
+        ),
         grpo=GRPOConfig(clip_eps=cfg.clip_eps, beta=cfg.kl_coef),
-        dqn=DQNConfig(),
+        dqn=DQNConfig(epsilon=cfg.dqn_epsilon),
         sac=SACConfig(),
         tau=cfg.tau,
         replay_capacity=cfg.replay_capacity,
@@ -135,11 +142,22 @@ def prefix_len(cfg: ExperimentConfig, tokenizer: Any) -> int:
         env.close()
 
 
-def feature_cache(cfg: ExperimentConfig, tcfg: TrainConfig) -> FeatureCache | None:
+FEATURE_CACHE_FILE = "feature_cache.npz"  # in a run's workdir, written at the end
+
+
+def feature_cache(
+    cfg: ExperimentConfig, tcfg: TrainConfig, workdir: str | None = None
+) -> FeatureCache | None:
     """The run's memoized frozen-LLM features, or None where they do not apply (the LLM
-    trains, generate mode, or memory in the prompt) or ``cfg.feature_cache`` is 0."""
+    trains, generate mode, or memory in the prompt) or ``cfg.feature_cache`` is 0.
+    workdir: start from the rows a finished run saved there, if any."""
     usable = tcfg.caches_features and not tcfg.memory.enabled and tcfg.action_mode == "score"
-    return FeatureCache(cfg.feature_cache) if usable and cfg.feature_cache > 0 else None
+    if not usable or cfg.feature_cache <= 0:
+        return None
+    path = os.path.join(workdir, FEATURE_CACHE_FILE) if workdir else ""
+    if path and os.path.exists(path):
+        return FeatureCache.load(path, cfg.feature_cache)
+    return FeatureCache(cfg.feature_cache)
 
 
 def rollout_config(cfg: ExperimentConfig, *, num_steps: int | None = None) -> RolloutConfig:

@@ -86,9 +86,9 @@ class ExperimentConfig:
     memory_tokens: int = _field(16, "Tokens per memory entry (text mode).")
     latent_slots: int = _field(4, "Soft-prompt vectors (memory_mode=latent).")
     # The loop.
-    num_envs: int = _field(32, "Environments stepped together (one act call for all).")
+    num_envs: int = _field(128, "Environments stepped together (one act call for all).")
     steps_per_update: int = _field(4, "Turns per environment collected per update (T).")
-    total_steps: int = _field(4096, "Environment steps to train for (rounded up to updates).")
+    total_steps: int = _field(131072, "Environment steps to train for (rounded up to updates).")
     prompt_len: int = _field(0, "Prompt width in tokens before memory; 0: the env preset's.")
     max_actions: int = _field(0, "Candidate slots (score mode); 0: the env preset's.")
     candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
@@ -121,13 +121,18 @@ class ExperimentConfig:
     epochs: int = _field(2, "Passes over each batch (PPO, GRPO).")
     minibatches: int = _field(2, "Minibatches per pass; must divide num_envs x steps_per_update.")
     clip_eps: float = _field(0.2, "PPO/GRPO ratio clip.")
-    ent_coef: float = _field(0.05, "Entropy bonus (PPO, A2C, REINFORCE).")
+    ent_coef: float = _field(0.03, "Entropy bonus (PPO, A2C, REINFORCE).")
+    normalize_advantages: bool = _field(
+        False,
+        "Standardise advantages over each batch (PPO, A2C; REINFORCE: its baselined returns).",
+    )
     vf_coef: float = _field(0.5, "Value loss weight.")
     kl_coef: float = _field(0.0, "KL penalty to the reference model (PPO kl_coef, GRPO beta).")
     group_size: int = _field(8, "GRPO: environments per seed group.")
     replay_capacity: int = _field(4096, "Replay buffer size (DQN, SAC).")
     replay_batch: int = _field(64, "Replay minibatch (DQN, SAC).")
     updates_per_step: int = _field(2, "Gradient steps per collected batch (DQN, SAC).")
+    dqn_epsilon: float = _field(0.1, "DQN: exploration of its epsilon-greedy acting policy.")
     tau: float = _field(0.05, "Polyak rate of target networks (DQN, SAC).")
     # Generation (generate mode).
     max_new_tokens: int = _field(8, "Reply length cap.")
@@ -136,7 +141,7 @@ class ExperimentConfig:
     # Bookkeeping.
     seed: int = _field(0, "Seed of parameters, envs and sampling.")
     workdir: str = _field("", "Run directory (metrics, checkpoints, plots); resumed if present.")
-    eval_every: int = _field(16, "Greedy evaluation every this many updates (0: only at the end).")
+    eval_every: int = _field(64, "Greedy evaluation every this many updates (0: only at the end).")
     eval_episodes: int = _field(256, "Episodes per evaluation.")
     eval_envs: int = _field(64, "Environments stepped together during evaluation.")
     checkpoint_every: int = _field(4, "Checkpoint every this many updates (0: only at the end).")
@@ -199,6 +204,8 @@ class ExperimentConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.head_hidden < 0 or self.feature_cache < 0:
             raise ValueError("--head_hidden and --feature_cache must be >= 0")
+        if not 0.0 <= self.dqn_epsilon <= 1.0:
+            raise ValueError(f"--dqn_epsilon must be in [0, 1], got {self.dqn_epsilon}")
         if not self.policy_temperature > 0:
             raise ValueError(f"--policy_temperature must be > 0, got {self.policy_temperature}")
         if self.algo not in OFF_POLICY and self.steps_per_batch % self.minibatches:

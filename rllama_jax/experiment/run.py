@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rllama_jax.experiment.build import (
+    FEATURE_CACHE_FILE,
     extract_action,
     feature_cache,
     load_model,
@@ -205,6 +206,8 @@ def run_experiment(
         last_eval = run_eval()
     checkpointer.close()
     writer.close()
+    if features is not None:  # lets experiments/evaluate.py start with what the run saw
+        features.save(os.path.join(cfg.workdir, FEATURE_CACHE_FILE))
     recent = rollout.finished_returns[-RECENT_EPISODES:]
     result = RunResult(
         workdir=cfg.workdir, updates=total, env_steps=env_steps,

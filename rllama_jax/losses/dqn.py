@@ -26,10 +26,24 @@ class DQNConfig:
     `double=True`: double DQN (van Hasselt et al. 2016), the online network picks the
     next action and the target network evaluates it. `double=False`: plain Q-learning,
     max of the target network. `huber_delta=None` uses the squared error `0.5 td^2`.
+    `epsilon`: exploration of the acting policy, epsilon-greedy over the Q-values (the
+    greedy action with probability 1 - epsilon, otherwise a uniformly random valid one).
     """
 
     double: bool = struct.field(pytree_node=False, default=True)
     huber_delta: float | None = struct.field(pytree_node=False, default=1.0)
+    epsilon: float = struct.field(pytree_node=False, default=0.1)
+
+
+def epsilon_greedy_logits(q: Array, mask: Array | None, epsilon: float) -> Array:
+    """Log-probabilities `[B, A]` of the epsilon-greedy policy over `q [B, A]` (valid
+    actions only; ties go to the first maximum)."""
+    q = masked_q_values(q, mask)
+    valid = jnp.ones(q.shape, bool) if mask is None else mask.astype(bool)
+    n = valid.sum(-1, keepdims=True).astype(jnp.float32)
+    best = jax.nn.one_hot(jnp.argmax(q, axis=-1), q.shape[-1], dtype=jnp.float32)
+    probs = (1.0 - epsilon) * best + epsilon * valid / n
+    return jnp.where(valid, jnp.log(jnp.maximum(probs, 1e-30)), NEG_INF)
 
 
 def masked_q_values(q: Array, mask: Array | None) -> Array:

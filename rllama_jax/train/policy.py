@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from rllama_jax.heads import apply_head
-from rllama_jax.losses import categorical_entropy, masked_log_softmax, masked_logits
+from rllama_jax.losses import (
+    categorical_entropy,
+    epsilon_greedy_logits,
+    masked_log_softmax,
+    masked_logits,
+)
 from rllama_jax.memory import latent
 from rllama_jax.models import LlamaConfig, Params, embed
 from rllama_jax.sampling import build_prefix, score_candidates, sequence_logprobs
@@ -81,20 +86,23 @@ def evaluate_score(
     s = obs.features if obs.features is not None else score_features(
         model, obs, model_config, config, adapter
     )  # fmt: skip
-    logits = s.scores / config.policy_temperature
-    if "policy" in heads:
-        logits = logits + apply_head(heads["policy"], s.candidate_hidden)[..., 0]
-    logits = masked_logits(logits, obs.action_mask)
-    values = (
-        apply_head(heads["value"], s.prompt_hidden)[..., 0]
-        if "value" in heads
-        else jnp.zeros(logits.shape[:1], jnp.float32)
-    )
     q = {
         name: apply_head(heads[name], s.candidate_hidden)[..., 0]
         for name in ("q", "q1", "q2")
         if name in heads
     }
+    if config.algorithm == "dqn":  # DQN acts on its Q-values: epsilon-greedy
+        logits = epsilon_greedy_logits(q["q"], obs.action_mask, config.dqn.epsilon)
+    else:
+        logits = s.scores / config.policy_temperature
+        if "policy" in heads:
+            logits = logits + apply_head(heads["policy"], s.candidate_hidden)[..., 0]
+        logits = masked_logits(logits, obs.action_mask)
+    values = (
+        apply_head(heads["value"], s.prompt_hidden)[..., 0]
+        if "value" in heads
+        else jnp.zeros(logits.shape[:1], jnp.float32)
+    )
     return ScoreEval(
         logits=logits,
         log_probs=masked_log_softmax(logits, obs.action_mask),
