@@ -466,6 +466,7 @@ def prepare_peer_model(out_dir: str) -> str:
     from rllama_jax.models import DEFAULT_MODEL
     from rllama_jax.models.loading import export_hf_dir
 
+    os.makedirs(out_dir, exist_ok=True)
     export_hf_dir(DEFAULT_MODEL, out_dir)
     weights = os.path.join(out_dir, "model.safetensors")
     save_file(load_file(weights), weights, metadata={"format": "pt"})
@@ -521,8 +522,8 @@ def main() -> None:
     p.add_argument("--only", default="peer,like,best", help="comma list of sides to run")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peer-python", default="/work/peer-venv/bin/python")
-    p.add_argument("--peer-model-dir", default="/work/bench-cache/smollm2-hf")
+    p.add_argument("--peer-python", default=os.path.join(ROOT, ".peer-venv", "bin", "python"))
+    p.add_argument("--peer-model-dir", default=os.path.join(ROOT, ".bench-cache", "smollm2-hf"))
     p.add_argument("--peer-updates", type=int, default=2, help="steady-state updates timed")
     p.add_argument(
         "--peer-threads", type=int, default=0,
@@ -549,7 +550,7 @@ def main() -> None:
         help="best side, heads only: FeatureCache rows (0: the LLM runs every step)",
     )  # fmt: skip
     p.add_argument("--prompt-len", type=int, default=0, help="0: the smallest that fits")
-    p.add_argument("--out-dir", default="/tmp/bench_vs_llamagym")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, ".bench-cache", "runs"))
     args = p.parse_args()
 
     if args.worker:

@@ -11,8 +11,8 @@ PPO update (``PPOTrainer.step``), and the rest (env, bookkeeping). The first ``-
 episodes are excluded from the steady-state figures. Writes one JSON object.
 
 Usage (from the repository root):
-    /work/peer-venv/bin/python benchmarks/peer_llamagym.py \
-        --model-dir /work/bench-cache/smollm2-hf --episodes 20 --out peer.json
+    .peer-venv/bin/python benchmarks/peer_llamagym.py \
+        --model-dir .bench-cache/smollm2-hf --episodes 20 --out peer.json
 """
 
 from __future__ import annotations
