@@ -34,6 +34,7 @@ from rllama_jax.memory import (
     WorkingConfig,
     init_memory,
 )
+from rllama_jax.memory.prompt import EPISODIC_HEADER, WORKING_HEADER
 from rllama_jax.models import DEFAULT_MODEL, LlamaConfig, Params, load_pretrained
 from rllama_jax.models.lora import LoraConfig
 from rllama_jax.rollout import Rollout, RolloutConfig, act, transitions_example
@@ -218,8 +219,8 @@ class RLlamaAgent:
             episodic=EpisodicConfig(capacity=capacity, key_dim=d, max_tokens=tokens, k=k),
             working=WorkingConfig(window=window, max_tokens=tokens, key_dim=d),
             latent=lcfg,
-            episodic_header=enc("Relevant past experience:"),
-            working_header=enc(" Recent steps:"),
+            episodic_header=enc(EPISODIC_HEADER),
+            working_header=enc(WORKING_HEADER),
             pad_id=0,
         )
 

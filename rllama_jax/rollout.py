@@ -38,11 +38,13 @@ from rllama_jax.memory import (
     MemoryState,
     augment_prompt,
     end_episodes,
+    episodic,
     init_memory,
     latent_inputs,
     record_step,
     splice_soft_slots,
 )
+from rllama_jax.memory.prompt import ENTRY_END
 from rllama_jax.models import LlamaConfig
 from rllama_jax.sampling import generate, prefill
 from rllama_jax.tokenization import (
@@ -146,6 +148,11 @@ def act(
             )
             obs = obs.replace(prompt_tokens=tokens, prompt_mask=mask)
     if config.action_mode == "score":
+        if mcfg.use_episodic and mcfg.episodic.control > 0:  # episodic control
+            values, _ = episodic.action_values(
+                memory.episodic, mcfg.episodic, query, obs.action_mask.shape[-1]
+            )
+            obs = obs.replace(action_bias=mcfg.episodic.control * values)
         ev = evaluate_score(model, trainable["heads"], obs, model_config, config, adapter)
         if greedy:
             actions = jnp.argmax(ev.log_probs, axis=-1).astype(jnp.int32)
@@ -348,11 +355,14 @@ class Rollout:
         return Observation(tokens, mask, ctok, cmask, amask)
 
     def _render(self, texts: list[str], width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Memory entries [len(texts), width]: each non-empty text, cut to fit, then
+        ``ENTRY_END`` (a newline), so entries spliced side by side stay on their own lines."""
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        end = self.tokenizer(ENTRY_END, add_special_tokens=False)["input_ids"][:width]
         tokens = np.full((len(texts), width), self.pad_id, np.int32)
         mask = np.zeros((len(texts), width), np.int32)
         for i, row in enumerate(ids):
-            row = row[:width]
+            row = row[: width - len(end)] + end if row else []
             tokens[i, : len(row)] = row
             mask[i, : len(row)] = 1
         return tokens, mask
@@ -473,8 +483,15 @@ class Rollout:
                     jnp.abs(jnp.asarray(rewards[:, step])), jnp.asarray(done),
                 )  # fmt: skip
                 state = state.replace(memory=memory)
-        self._next_view = self._look(state, self.raw_obs, self.candidates)
-        bootstrap = np.asarray(self._next_view.values)
+        # The value after the last turn matters only where an episode goes on past it (and
+        # off-policy rows need the next observation itself): skip the extra forward pass
+        # when every row ended (one-step episodes; GRPO folds its truncations).
+        ended = grouped or bool(terminated[:, -1].all())
+        self._next_view = None
+        bootstrap = np.zeros(n, np.float32)
+        if self.train_config.off_policy or not ended:
+            self._next_view = self._look(state, self.raw_obs, self.candidates)
+            bootstrap = np.asarray(self._next_view.values)
         if grouped:
             bootstrap = np.zeros(n, np.float32)  # every row ended (truncations are folded)
         stack = lambda *xs: np.stack([np.asarray(x) for x in xs], axis=1)  # noqa: E731
@@ -491,6 +508,7 @@ class Rollout:
             fields["memory_keys"] = stack(*[o.keys for o in outs])
             fields["memory_tokens"] = stack(*[r[0] for r in rendered])
             fields["memory_mask"] = stack(*[r[1] for r in rendered])
+            fields["memory_actions"] = fields["actions"] if score else np.full((n, t), -1, np.int32)
         batch = Batch(
             obs=obs,
             rewards=rewards,

@@ -47,6 +47,9 @@ def _flags(**kw) -> list[str]:
         (dict(env="nonsense"), "neither a preset"),
         (dict(gamma=0.0), "gamma"),
         (dict(total_steps=0), "total_steps"),
+        (dict(episodic_control=2.0), "--episodic_control needs --memory=episodic"),
+        (dict(memory="episodic", algo="dqn", episodic_control=2.0), "Q head"),
+        (dict(memory="episodic", episodic_control=-1.0), "episodic_control must be >= 0"),
     ],
 )
 def test_invalid_combinations_are_named(changes, message):

@@ -304,6 +304,10 @@ def test_config_validation():
         EpisodicConfig(capacity=2, key_dim=2, max_tokens=2, k=3)
     with pytest.raises(ValueError):
         EpisodicConfig(capacity=2, key_dim=2, max_tokens=2, k=1, eviction="lru")
+    with pytest.raises(ValueError, match="control_k"):
+        EpisodicConfig(capacity=2, key_dim=2, max_tokens=2, k=1, control_k=0)
+    with pytest.raises(ValueError, match="control"):
+        EpisodicConfig(capacity=2, key_dim=2, max_tokens=2, k=1, control_temperature=0.0)
     assert hash(EpisodicConfig(4, 2, 2)) == hash(EpisodicConfig(4, 2, 2))
     assert jax.tree.leaves(EVICT["fifo"]) == []  # static: safe to pass through jit/vmap
 
@@ -327,3 +331,33 @@ def test_render_memory_lists_valid_entries():
     assert len(lines) == 5
     got = retrieve(mem, cfg, keys[:1])
     assert "obs left won" in render_memory(got, decode)
+
+
+def test_action_values_kernel_weighted_returns_per_action():
+    """Episodic control against a hand computation: nearest ``control_k`` entries by cosine
+    vote for their action with weight exp((cos - 1) / tau); one pseudo count at value 0;
+    unknown actions (-1), invalid slots and entries beyond control_k do not vote."""
+    tau = 0.1
+    cfg = EpisodicConfig(capacity=8, key_dim=2, max_tokens=1, k=1, control_k=4,
+                         control_temperature=tau)  # fmt: skip
+    angle = np.deg2rad([0.0, 0.0, 30.0, 0.0, 90.0, 120.0])  # keys on the unit circle
+    keys = np.stack([np.cos(angle), np.sin(angle)], 1).astype(np.float32)
+    actions = np.asarray([0, 1, 1, -1, 0, 2], np.int32)
+    returns = np.asarray([1.0, -1.0, 0.5, 7.0, 9.0, 9.0], np.float32)
+    n = len(keys)
+    mem = write(init(cfg), cfg, keys, np.zeros((n, 1), np.int32), np.ones((n, 1), bool),
+                returns, np.ones(n, bool), actions)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(mem.actions)[:n], actions)
+    assert (np.asarray(mem.actions)[n:] == -1).all()
+    values, weights = jax.jit(episodic.action_values, static_argnums=(1, 3))(
+        mem, cfg, np.asarray([[1.0, 0.0]], np.float32), 3
+    )
+    # The 4 nearest: slots 0, 1, 3 (cos 1) and 2 (cos 0.866); slot 3 has no action.
+    w30 = np.exp((np.cos(np.deg2rad(30.0)) - 1.0) / tau)
+    want_w = np.asarray([[1.0, 1.0 + w30, 0.0]])
+    want_v = np.asarray([[1.0 / 2.0, (-1.0 + 0.5 * w30) / (2.0 + w30), 0.0]])
+    np.testing.assert_allclose(np.asarray(weights), want_w, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(values), want_v, rtol=1e-5, atol=1e-7)
+    # An empty memory has no opinion.
+    values, weights = episodic.action_values(init(cfg), cfg, np.ones((2, 2), np.float32), 3)
+    assert not np.asarray(values).any() and not np.asarray(weights).any()

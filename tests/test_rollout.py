@@ -3,6 +3,8 @@ auto-reset, and that its batches train."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,13 @@ from rllama_jax.models.loading import default_model_dir, load_tokenizer
 from rllama_jax.models.lora import LoraConfig
 from rllama_jax.rollout import Rollout, RolloutConfig
 from rllama_jax.sampling import SamplingConfig
-from rllama_jax.train import TrainConfig, init_train_state, make_train_step
+from rllama_jax.train import (
+    TrainConfig,
+    evaluate_score,
+    init_train_state,
+    make_train_step,
+    remember_batch,
+)
 
 MODEL = LlamaConfig(
     vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -243,3 +251,81 @@ def _example(rollout):
 
     # Heads-only DQN caches the frozen LLM's features: the replay buffer holds them too.
     return transitions_example(rollout.train_config, rollout.config, rollout.model_config)
+
+
+def test_episodic_memory_entries_one_per_line_and_actions_recorded(tok):
+    """Rendered entries end with a newline (entries never run together in the prompt), and
+    the train step's write stores which candidate each remembered step took."""
+    envs = [gym.make("rllama/KeyedBandit-v0", num_situations=2) for _ in range(3)]
+    cfg = TrainConfig(
+        algorithm="ppo", trainable="heads", epochs=1, memory=memory_config(tok, "episodic")
+    )
+    state = init_train_state(
+        cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=3
+    )
+    rollout = Rollout(
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=1, prompt_len=128, candidate_len=4)
+    )
+    state, batch = rollout.collect(state)
+    for i in range(3):
+        mask = batch.memory_mask[i, 0].astype(bool)
+        entry = tok.decode(batch.memory_tokens[i, 0][mask])
+        assert entry.endswith("\n") and entry.count("\n") == 1 and " -> " in entry, entry
+    np.testing.assert_array_equal(batch.memory_actions, batch.actions)
+    # One-step episodes all end inside the batch: no extra forward for a bootstrap value.
+    assert rollout._next_view is None and not batch.bootstrap_value.any()
+    state = state.replace(memory=remember_batch(state, jax.tree.map(jnp.asarray, batch), cfg))
+    mem = state.memory.episodic
+    valid = np.asarray(mem.valid)
+    assert valid.sum() == 3
+    np.testing.assert_array_equal(
+        np.sort(np.asarray(mem.actions)[valid]), np.sort(batch.actions[:, 0])
+    )
+    assert (np.asarray(mem.actions)[~valid] == -1).all()
+    state, batch2 = rollout.collect(state)
+    text = decode_prompt(tok, batch2, 0, 0)
+    lines = text.split("Past:")[1].split("\n")  # k=2 entries, each on its own line
+    assert all(" -> pull lever " in line for line in lines[:2]), text
+    assert lines[2].startswith("You face"), text
+
+
+def test_episodic_control_steers_a_frozen_policy_and_train_step_agrees(tok):
+    """With episodic control, the act-time bias is control x the memory's action values and
+    moves the policy toward the lever that paid for this very observation; the logits the
+    train step recomputes from the stored observation are the acting ones."""
+    n = 4
+    envs = [gym.make("rllama/KeyedBandit-v0", num_situations=1) for _ in range(n)]
+    base = memory_config(tok, "episodic")
+    control = 5.0
+    ep = dataclasses.replace(base.episodic, control=control, control_k=4)
+    cfg = TrainConfig(
+        algorithm="reinforce", trainable="full", epochs=1,
+        memory=dataclasses.replace(base, episodic=ep),
+    )  # fmt: skip
+    state = init_train_state(
+        cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=n
+    )
+    rollout = Rollout(
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=1, prompt_len=128, candidate_len=4),
+        greedy=True,
+    )  # fmt: skip
+    state, batch = rollout.collect(state)
+    assert not np.asarray(batch.obs.action_bias).any()  # empty memory: no opinion
+    paying = envs[0].unwrapped.paying_arms[envs[0].unwrapped.situation]
+    # Remember that the paying lever paid, as if each env had pulled it.
+    batch = batch.replace(
+        actions=np.full_like(batch.actions, paying), memory_actions=np.full_like(batch.actions, paying),
+        rewards=np.ones_like(batch.rewards),
+    )  # fmt: skip
+    state = state.replace(memory=remember_batch(state, jax.tree.map(jnp.asarray, batch), cfg))
+    state, batch2 = rollout.collect(state)
+    bias = np.asarray(batch2.obs.action_bias[:, 0])
+    # One situation, so every key matches exactly: kernel weight 1 per entry, 4 entries.
+    want = np.zeros_like(bias)
+    want[:, paying] = control * n / (1 + n)
+    np.testing.assert_allclose(bias, want, rtol=1e-6, atol=1e-6)
+    assert (batch2.actions[:, 0] == paying).all()
+    step_obs = jax.tree.map(lambda x: jnp.asarray(x)[:, 0], batch2.obs)
+    ev = evaluate_score(state.trainable["model"], state.trainable["heads"], step_obs, MODEL, cfg)
+    logp = np.take_along_axis(np.asarray(ev.log_probs), batch2.actions[:, :1], axis=1)[:, 0]
+    np.testing.assert_allclose(logp, batch2.old_logp[:, 0], atol=1e-5)

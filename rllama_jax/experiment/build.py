@@ -24,6 +24,7 @@ from rllama_jax.losses import (
 )
 from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
 from rllama_jax.memory.latent import LatentConfig
+from rllama_jax.memory.prompt import EPISODIC_HEADER, WORKING_HEADER
 from rllama_jax.models import LlamaConfig, Params, init_params, load_pretrained
 from rllama_jax.models.loading import default_model_dir, load_tokenizer
 from rllama_jax.models.lora import LoraConfig
@@ -69,12 +70,12 @@ def memory_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: A
         representation=cfg.memory_mode,
         episodic=EpisodicConfig(
             capacity=cfg.episodic_capacity, key_dim=d, max_tokens=cfg.memory_tokens,
-            k=cfg.episodic_k,
+            k=cfg.episodic_k, control=cfg.episodic_control,
         ),
         working=WorkingConfig(window=cfg.working_window, max_tokens=cfg.memory_tokens, key_dim=d),
         latent=latent,
-        episodic_header=_token_ids(tokenizer, "Relevant past experience:"),
-        working_header=_token_ids(tokenizer, " Recent steps:"),
+        episodic_header=_token_ids(tokenizer, EPISODIC_HEADER),
+        working_header=_token_ids(tokenizer, WORKING_HEADER),
         pad_id=0,
     )  # fmt: skip
 

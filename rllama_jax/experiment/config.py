@@ -82,6 +82,12 @@ class ExperimentConfig:
     memory_mode: str = _field("text", "How memory reaches the LLM.", MEMORY_MODES)
     episodic_capacity: int = _field(256, "Episodic memory entries per agent.")
     episodic_k: int = _field(2, "Episodic entries retrieved per step.")
+    episodic_control: float = _field(
+        0.0,
+        "Episodic control (score mode): add this times the memory's value of each candidate "
+        "(kernel-weighted returns of the nearest past steps that took it) to the policy's "
+        "logits; 0: off.",
+    )
     working_window: int = _field(3, "Recent steps kept in working memory.")
     memory_tokens: int = _field(16, "Tokens per memory entry (text mode).")
     latent_slots: int = _field(4, "Soft-prompt vectors (memory_mode=latent).")
@@ -197,6 +203,16 @@ class ExperimentConfig:
         if self.memory_mode == "latent" and self.memory == "none":
             raise ValueError("--memory_mode=latent needs a memory: set --memory to working/"
                              "episodic/both")  # fmt: skip
+        if self.episodic_control < 0:
+            raise ValueError(f"--episodic_control must be >= 0, got {self.episodic_control}")
+        if self.episodic_control and (
+            self.memory not in ("episodic", "both") or self.action_mode != "score"
+            or self.algo == "dqn"
+        ):  # fmt: skip
+            raise ValueError(
+                "--episodic_control needs --memory=episodic or both, --action_mode=score and "
+                "a policy with logits (DQN acts on its Q head)"
+            )
         positive = ("num_envs", "steps_per_update", "total_steps", "epochs", "minibatches",
                     "eval_episodes", "eval_envs", "keep_checkpoints")  # fmt: skip
         for name in positive:

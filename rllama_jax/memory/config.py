@@ -159,12 +159,14 @@ def record_experience(
     token_mask: jax.Array,
     returns: jax.Array,
     write_mask: jax.Array,
+    actions: jax.Array | None = None,
 ) -> MemoryState:
-    """Writes experiences [N, ...] to episodic memory (no-op without episodic memory)."""
+    """Writes experiences [N, ...] to episodic memory (no-op without episodic memory).
+    actions: [N] candidate index of each experience's action (None: unknown)."""
     if not config.use_episodic:
         return state
     mem = episodic.write(
-        state.episodic, config.episodic, keys, tokens, token_mask, returns, write_mask
+        state.episodic, config.episodic, keys, tokens, token_mask, returns, write_mask, actions
     )
     return state.replace(episodic=mem)
 

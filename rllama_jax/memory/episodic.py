@@ -53,6 +53,10 @@ class EpisodicConfig:
       score_threshold: retrieved entries scoring strictly below it are marked invalid.
       normalize_importance: divide importance by the max valid importance before scoring.
       pad_id: token id used to fill empty token positions.
+      control: weight of episodic control (``action_values``) in the policy's logits; 0 off.
+      control_k: nearest entries (by cosine alone) that vote in ``action_values`` (at most
+        ``capacity`` are used).
+      control_temperature: ``tau`` of the similarity kernel ``exp((cosine - 1) / tau)``.
     """
 
     capacity: int = struct.field(pytree_node=False)
@@ -66,10 +70,20 @@ class EpisodicConfig:
     score_threshold: float | None = struct.field(pytree_node=False, default=None)
     normalize_importance: bool = struct.field(pytree_node=False, default=False)
     pad_id: int = struct.field(pytree_node=False, default=0)
+    control: float = struct.field(pytree_node=False, default=0.0)
+    control_k: int = struct.field(pytree_node=False, default=16)
+    control_temperature: float = struct.field(pytree_node=False, default=1e-3)
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.key_dim < 1 or self.max_tokens < 1:
             raise ValueError(f"capacity, key_dim, max_tokens must be >= 1, got {self}")
+        if self.control < 0 or self.control_temperature <= 0:
+            raise ValueError(
+                f"need control >= 0 and control_temperature > 0, got control={self.control}, "
+                f"control_temperature={self.control_temperature}"
+            )
+        if self.control_k < 1:
+            raise ValueError(f"need control_k >= 1, got {self.control_k}")
         if not 1 <= self.k <= self.capacity:
             raise ValueError(f"need 1 <= k <= capacity, got k={self.k}, C={self.capacity}")
         if self.eviction not in _EVICTIONS:
@@ -89,6 +103,8 @@ class EpisodicMemory:
       timestamps: [C] int32 write order (-1 for never-written slots).
       valid: [C] bool, true where the slot holds an entry.
       counter: [] int32 number of rows stored so far.
+      actions: [C] int32 candidate index of the action taken (-1: not known, e.g. generate
+        mode), what ``action_values`` counts.
     """
 
     keys: jax.Array
@@ -99,6 +115,7 @@ class EpisodicMemory:
     timestamps: jax.Array
     valid: jax.Array
     counter: jax.Array
+    actions: jax.Array
 
 
 @struct.dataclass
@@ -136,6 +153,7 @@ def init(config: EpisodicConfig) -> EpisodicMemory:
         timestamps=jnp.full((c,), -1, jnp.int32),
         valid=jnp.zeros((c,), bool),
         counter=jnp.zeros((), jnp.int32),
+        actions=jnp.full((c,), -1, jnp.int32),
     )
 
 
@@ -162,6 +180,7 @@ def write(
     token_mask: jax.Array,
     returns: jax.Array,
     write_mask: jax.Array,
+    actions: jax.Array | None = None,
 ) -> EpisodicMemory:
     """Stores the rows of a batch whose ``write_mask`` is true, evicting as configured.
 
@@ -173,6 +192,7 @@ def write(
       token_mask: [N, Lm] bool, true on real tokens.
       returns: [N] returns; importance is ``|return|``.
       write_mask: [N] bool, which rows to store.
+      actions: [N] candidate index of each row's action (None: -1, unknown).
 
     Returns:
       The updated memory. See the module docstring for decay timing, eviction order and the
@@ -207,6 +227,9 @@ def write(
     token_mask = token_mask.astype(bool)
     tokens = jnp.where(token_mask, tokens, config.pad_id)
     returns = returns.astype(jnp.float32)
+    if actions is None:
+        actions = jnp.full((n,), -1, jnp.int32)
+    chex.assert_shape(actions, (n,))
     return mem.replace(
         keys=put(mem.keys, keys),
         tokens=put(mem.tokens, tokens),
@@ -216,17 +239,13 @@ def write(
         timestamps=put(mem.timestamps, mem.counter + rank),
         valid=put(mem.valid, jnp.ones((n,), bool)),
         counter=mem.counter + num_written.astype(jnp.int32),
+        actions=put(mem.actions, actions),
     )
 
 
 def scores(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) -> jax.Array:
     """[Q, C] retrieval scores of every slot for each query ``[Q, D]`` (-inf on invalid slots)."""
-    chex.assert_shape(queries, (None, config.key_dim))
-    eps = 1e-8
-    q = queries.astype(jnp.float32)
-    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), eps)
-    k = mem.keys / jnp.maximum(jnp.linalg.norm(mem.keys, axis=-1, keepdims=True), eps)
-    cosine = q @ k.T
+    cosine = _cosine(mem, config, queries)
     importance = mem.importance
     if config.normalize_importance:
         top = jnp.max(jnp.where(mem.valid, importance, 0.0))
@@ -267,3 +286,45 @@ def retrieve(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) ->
         keys=jnp.where(v1, mem.keys[top_idx], 0.0),
         returns=jnp.where(valid, mem.returns[top_idx], 0.0),
     )
+
+
+def _cosine(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) -> jax.Array:
+    chex.assert_shape(queries, (None, config.key_dim))
+    eps = 1e-8
+    q = queries.astype(jnp.float32)
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), eps)
+    k = mem.keys / jnp.maximum(jnp.linalg.norm(mem.keys, axis=-1, keepdims=True), eps)
+    return q @ k.T
+
+
+def action_values(
+    mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array, num_actions: int
+) -> tuple[jax.Array, jax.Array]:
+    """Episodic control: what the memory says each candidate action is worth, per query.
+
+    The ``control_k`` valid entries nearest to each query by cosine alone (importance plays no
+    part: a failure is as informative as a success) vote for the action they took with weight
+    ``w = exp((cosine - 1) / control_temperature)`` (1 for an identical key). The value of
+    action ``a`` is the kernel-weighted mean of their returns, shrunk toward 0 by one pseudo
+    count: ``sum_i w_i r_i [a_i = a] / (1 + sum_i w_i [a_i = a])``. An action nobody took
+    is worth 0; entries with an unknown action (-1) do not vote.
+
+    Args:
+      mem: memory to read.
+      config: its static configuration.
+      queries: [Q, D] query keys.
+      num_actions: ``A``, candidates per query.
+
+    Returns:
+      ``(values [Q, A], weights [Q, A])``, weights the summed kernel mass behind each value.
+    """
+    k = min(config.control_k, config.capacity)
+    cosine = jnp.where(mem.valid[None, :], _cosine(mem, config, queries), -jnp.inf)
+    top_cos, top_idx = jax.lax.top_k(cosine, k)
+    valid = mem.valid[top_idx] & jnp.isfinite(top_cos)
+    w = jnp.where(valid, jnp.exp((jnp.minimum(top_cos, 1.0) - 1.0) / config.control_temperature),
+                  0.0)  # fmt: skip
+    votes = jax.nn.one_hot(mem.actions[top_idx], num_actions, dtype=jnp.float32)  # -1: no vote
+    weights = jnp.einsum("qk,qka->qa", w, votes)
+    total = jnp.einsum("qk,qka->qa", w * mem.returns[top_idx], votes)
+    return total / (1.0 + weights), weights

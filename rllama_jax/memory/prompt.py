@@ -24,6 +24,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
+# Texts of the default headers and of the end of one rendered entry: every entry and step
+# sits on its own line, under its header, and the observation starts on a fresh line.
+EPISODIC_HEADER = "Relevant past experience:\n"
+WORKING_HEADER = "Recent steps:\n"
+ENTRY_END = "\n"
+
 
 def flatten_entries(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Concatenates ``n`` entries: tokens/mask [..., n, L] -> [..., n*L] (entry order kept)."""

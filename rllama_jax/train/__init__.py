@@ -19,7 +19,7 @@ from rllama_jax.train.state import (
     policy_params,
     reference_params,
 )
-from rllama_jax.train.step import LossInputs, default_loss_fn, make_train_step
+from rllama_jax.train.step import LossInputs, default_loss_fn, make_train_step, remember_batch
 
 __all__ = [
     "ALGORITHMS",
@@ -38,6 +38,7 @@ __all__ = [
     "init_replay",
     "init_train_state",
     "make_train_step",
+    "remember_batch",
     "memory_adapter",
     "policy_params",
     "prompt_embeddings",

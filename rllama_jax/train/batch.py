@@ -49,6 +49,10 @@ class Observation:
 
     features: the frozen LLM's scores and hidden states (``ScoreFeatures``), present when
     only heads train in score mode: the train step then runs no LLM forward at all.
+
+    action_bias: [..., A] added to the policy's logits (score mode), fixed at acting time:
+    episodic control's values of the candidates (``EpisodicConfig.control``), so the train
+    step evaluates the very policy that acted.
     """
 
     prompt_tokens: jax.Array
@@ -59,6 +63,7 @@ class Observation:
     soft_slots: jax.Array | None = None
     latent_memory: AdapterInputs | None = None
     features: ScoreFeatures | None = None
+    action_bias: jax.Array | None = None
 
 
 @struct.dataclass
@@ -75,7 +80,8 @@ class Batch:
     bootstrap_value: [N] V of the state after the last turn (0 if it ended).
     group_ids: [N] GRPO group of each row (rows of a group start from the same seed).
     memory_keys: [N, T, D] pooled hidden state of each observation; memory_tokens,
-        memory_mask: [N, T, Lm] rendering of each turn for episodic memory (optional).
+        memory_mask: [N, T, Lm] rendering of each turn for episodic memory (optional);
+        memory_actions: [N, T] the candidate index episodic memory records (-1: unknown).
     """
 
     obs: Observation
@@ -94,6 +100,7 @@ class Batch:
     memory_keys: jax.Array | None = None
     memory_tokens: jax.Array | None = None
     memory_mask: jax.Array | None = None
+    memory_actions: jax.Array | None = None
 
 
 @struct.dataclass

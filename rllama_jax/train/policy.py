@@ -97,6 +97,8 @@ def evaluate_score(
         logits = s.scores / config.policy_temperature
         if "policy" in heads:
             logits = logits + apply_head(heads["policy"], s.candidate_hidden)[..., 0]
+        if obs.action_bias is not None:  # episodic control, fixed when the step was acted
+            logits = logits + obs.action_bias
         logits = masked_logits(logits, obs.action_mask)
     values = (
         apply_head(heads["value"], s.prompt_hidden)[..., 0]

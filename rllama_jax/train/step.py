@@ -177,9 +177,11 @@ def _returns_and_advantages(batch: Batch, config: TrainConfig) -> tuple[jax.Arra
     return adv, ret
 
 
-def _write_episodic(state: TrainState, batch: Batch, config: TrainConfig):
-    """Writes every valid turn of the batch to episodic memory, with its discounted
-    Monte-Carlo return-to-go (the importance of a memory is |return|)."""
+def remember_batch(state: TrainState, batch: Batch, config: TrainConfig) -> Any:
+    """The state's memory with every valid turn of ``batch`` [N, T] written to episodic
+    memory, with its discounted Monte-Carlo return-to-go (the importance of a memory is
+    |return|). Every on-policy train step does this; call it directly to let a model that
+    does not train (frozen, evaluation) remember. Memory unchanged without episodic memory."""
     if not config.memory.use_episodic or batch.memory_keys is None:
         return state.memory
     valid = batch.valid.astype(jnp.float32)
@@ -199,6 +201,7 @@ def _write_episodic(state: TrainState, batch: Batch, config: TrainConfig):
         flat(batch.memory_mask),
         flat(returns),
         flat(batch.valid),
+        None if batch.memory_actions is None else flat(batch.memory_actions),
     )
 
 
@@ -319,7 +322,7 @@ def _on_policy_step(
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["skipped_updates"] = skipped
         metrics["advantage_mean"] = jnp.sum(adv) / jnp.maximum(jnp.sum(batch.valid), 1)
-        memory = _write_episodic(state, batch, config)
+        memory = remember_batch(state, batch, config)
         new_state = state.replace(
             trainable=trainable, opt_state=opt_state, skipped=skipped, rng=rng,
             step=state.step + 1, memory=memory,
