@@ -329,3 +329,27 @@ def test_episodic_control_steers_a_frozen_policy_and_train_step_agrees(tok):
     ev = evaluate_score(state.trainable["model"], state.trainable["heads"], step_obs, MODEL, cfg)
     logp = np.take_along_axis(np.asarray(ev.log_probs), batch2.actions[:, :1], axis=1)[:, 0]
     np.testing.assert_allclose(logp, batch2.old_logp[:, 0], atol=1e-5)
+
+
+def test_heads_mode_kl_reference_is_the_llm_without_the_policy_head(tok):
+    """With only heads training, the KL reference is the frozen LLM's own candidate policy:
+    0 while the zero-initialised policy head is untouched, > 0 once it has moved (it used
+    to include the current head, which made the penalty identically 0)."""
+    envs = [gym.make("rllama/Blackjack-v0") for _ in range(4)]
+    cfg = TrainConfig(algorithm="grpo", trainable="heads", epochs=1)
+    assert cfg.grpo.beta > 0
+    state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
+    rollout = Rollout(
+        envs, tok, MODEL, cfg,
+        RolloutConfig(num_steps=4, prompt_len=160, candidate_len=3, group_size=2),
+    )  # fmt: skip
+    state, batch = rollout.collect(state)
+    step = make_train_step(cfg, MODEL)
+    batch = jax.tree.map(jnp.asarray, batch)
+    _, metrics = step(jax.tree.map(jnp.copy, state), batch)
+    assert float(metrics["kl_ref"]) == 0.0
+    head = state.trainable["heads"]["policy"]
+    assert not np.asarray(head["w"]).any()  # the output layer: zero at init
+    head["w"] = 0.5 * jax.random.normal(jax.random.key(2), head["w"].shape)
+    _, metrics = step(state, batch)
+    assert float(metrics["kl_ref"]) > 1e-4

@@ -7,7 +7,8 @@ Off-policy (DQN, SAC): the transitions enter the replay buffer held in the state
 Both write the batch's experiences to episodic memory when it is on. With latent memory the
 log-probs are recomputed from the memory read stored in each observation, through the current
 memory adapter (``trainable["memory_adapter"]``), which the loss therefore trains; the KL
-reference runs the reference LLM with the current adapter (as it uses the current heads).
+reference runs the reference LLM with the current adapter, without the policy head (the
+base LLM's own policy over the candidates).
 A non-finite loss or gradient skips that update (parameters and optimizer state unchanged)
 and counts it.
 
@@ -283,9 +284,12 @@ def _on_policy_step(
             data["response_tokens"] = _flat(batch.response_tokens)
             data["response_mask"] = _flat(batch.response_mask)
         if _needs_reference(config):
+            # The reference is the base LLM's own policy: no LoRA and no policy head (with
+            # the current head it would be the policy itself whenever only heads train).
             ref_model = reference_params(state.frozen, config)
+            ref_heads = {k: v for k, v in state.trainable["heads"].items() if k != "policy"}
             data["ref_logp"] = jax.lax.stop_gradient(
-                policy_logp(ref_model, state.trainable, data)[0]
+                policy_logp(ref_model, {**state.trainable, "heads": ref_heads}, data)[0]
             )
 
         def grad_step(carry, idx):
