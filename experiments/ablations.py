@@ -7,7 +7,9 @@
 Presets (``rllama_jax/experiment/ablation.py``): ``memory`` (none / working / episodic /
 both on the T-maze, the keyed bandit and Blackjack), ``algorithms`` (all six on Blackjack and
 BabyAI-Text GoToLocal) and ``smoke`` (tiny model, minutes). Re-running the same command
-skips finished cells and resumes an interrupted one.
+skips finished cells and resumes an interrupted one. ``--report_only`` writes the reports
+from the cells finished so far (e.g. grids run piecewise with different ``--envs`` /
+``--seeds`` / ``--total_steps``; the table shows each environment's steps).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ flags.DEFINE_list("envs", [], "Only these of the preset's environments, e.g. tma
 flags.DEFINE_integer("total_steps", 0, "Override every cell's environment steps (0: preset).")
 flags.DEFINE_string("model", "", "Override every cell's model (e.g. smollm2-135m-instruct).")
 flags.DEFINE_bool("progress", False, "Progress bar per cell.")
+flags.DEFINE_bool("report_only", False, "Run nothing: summarise the cells already finished.")
 FLAGS = flags.FLAGS
 
 
@@ -41,7 +44,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--seeds must be integers: {FLAGS.seeds}") from err
     try:
         run_preset(FLAGS.preset, out, seeds=seeds, overrides=overrides,
-                   envs=tuple(FLAGS.envs) or None, progress=FLAGS.progress)  # fmt: skip
+                   envs=tuple(FLAGS.envs) or None, progress=FLAGS.progress,
+                   report_only=FLAGS.report_only)  # fmt: skip
     except ValueError as err:
         raise app.UsageError(str(err)) from None
     with open(f"{out}/results.md", encoding="utf-8") as f:

@@ -132,3 +132,11 @@ def test_smoke_ablation_writes_reports_and_resumes(tmp_path):
     logged = []
     assert run_preset("smoke", out, log=logged.append) == rows
     assert logged == []
+    # report_only leaves unfinished cells out instead of running them; with none, it says so.
+    os.remove(os.path.join(rows[0]["workdir"], "summary.json"))
+    logged = []
+    assert run_preset("smoke", out, log=logged.append, report_only=True) == rows[1:]
+    assert len(logged) == 1 and "not run" in logged[0]
+    assert f"| {rows[0]['setting']} |" not in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="no finished cell"):
+        run_preset("smoke", str(tmp_path / "empty"), log=lambda *_: None, report_only=True)

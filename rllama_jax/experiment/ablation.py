@@ -122,10 +122,12 @@ def run_preset(
     envs: tuple[str, ...] | None = None,
     progress: bool = False,
     log: Any = print,
+    report_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) every cell of preset ``name`` under ``out``; returns the rows.
 
-    envs: only these of the preset's environments (default: all)."""
+    envs: only these of the preset's environments (default: all).
+    report_only: run nothing; summarise the cells already finished under ``out``."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     unknown = sorted(set(envs or ()) - set(PRESETS[name].envs))
@@ -142,12 +144,17 @@ def run_preset(
         cfg = cfg.replace(workdir=workdir)
         summary_path = os.path.join(workdir, "summary.json")
         if not os.path.exists(summary_path):
+            if report_only:
+                log(f"[{i + 1}/{len(grid)}] {env} / {setting} / seed {seed}: not run, left out")
+                continue
             log(f"[{i + 1}/{len(grid)}] {env} / {setting} / seed {seed}")
             run_experiment(cfg, progress=progress, log=lambda *_: None)
         with open(summary_path, encoding="utf-8") as f:
             summary = json.load(f)
         rows.append({"env": env, "setting": setting, "seed": seed,
                      **{k: summary[k] for k in FIELDS if k in summary}})  # fmt: skip
+    if not rows:
+        raise ValueError(f"no finished cell of preset {name!r} under {out}")
     write_reports(name, rows, out)
     return rows
 
