@@ -59,6 +59,7 @@ class _Turn:
     logp: np.ndarray
     value: float
     key: np.ndarray
+    text: str = ""  # "observation -> action", its outcome is appended when it is remembered
     reward: float = 0.0
     terminated: bool = False
     truncated: bool = False
@@ -300,6 +301,7 @@ class RLlamaAgent:
             logp=np.asarray(out.logp),
             value=float(out.values[0]),
             key=np.asarray(out.keys),
+            text=f"{self.format_observation(observation)} -> {action}",
         )
         self._episode.append(turn)
         self._pending = (observation, action)
@@ -318,9 +320,8 @@ class RLlamaAgent:
             return
         from rllama_jax.rollout import _remember_step
 
-        obs, action = pending
         turn = self._episode[-1]
-        text = f"{self.format_observation(obs)} -> {action} -> {turn.reward:+g}"
+        text = f"{turn.text} -> {turn.reward:+g}"
         tokens, mask = self._encoder._render([text], self.train_config.memory.working.max_tokens)
         memory = _remember_step(
             self.state.memory, self.train_config.memory, tokens, mask, turn.key,
@@ -373,7 +374,26 @@ class RLlamaAgent:
             # One group for GRPO; None otherwise, as the rollout's batches have (a different
             # pytree would compile the train step a second time).
             group_ids=np.zeros((1,), np.int32) if self.train_config.algorithm == "grpo" else None,
+            **self._episodic_fields(turns),
         )
+
+    def _episodic_fields(self, turns: list[_Turn]) -> dict[str, np.ndarray]:
+        """What the train step writes to episodic memory, laid out as the rollout's [1, T]
+        fields: each turn's key, its rendering "observation -> action -> reward" and the
+        candidate it took (-1 in generate mode). Empty without episodic memory."""
+        mcfg = self.train_config.memory
+        if not mcfg.use_episodic:
+            return {}
+        texts = [f"{x.text} -> {x.reward:+g}" for x in turns]
+        tokens, mask = self._encoder._render(texts, mcfg.episodic.max_tokens)
+        score = self.train_config.action_mode == "score"
+        actions = [x.action if score else np.full((1,), -1, np.int32) for x in turns]
+        return {
+            "memory_keys": np.concatenate([x.key for x in turns], axis=0)[None],
+            "memory_tokens": tokens[None],
+            "memory_mask": mask[None],
+            "memory_actions": np.concatenate(actions, axis=0)[None].astype(np.int32),
+        }
 
     def _transitions(self, turns: list[_Turn], count: int):
         """The first ``count`` turns as (s, a, r, s') rows. ``turns`` holds whole episodes,

@@ -176,3 +176,28 @@ def test_off_policy_agents_single_env_and_batched(tiny, algo):
     history = agent.train("Blackjack-v1", num_steps=8, num_envs=2)
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     assert int(agent.state.replay.valid.sum()) == filled + 2 * 4  # 2 envs x batch_size turns
+
+
+def test_single_env_loop_writes_episodic_memory(tiny):
+    """act / assign_reward / terminate_episode: the train step stores every trained turn in
+    episodic memory (key, "observation -> action -> reward", return, the candidate taken)."""
+    agent = ScoringBlackjackAgent(
+        tiny(), algorithm="reinforce", batch_size=4, trainable="heads", memory="episodic",
+        memory_tokens=32, epochs=1, gamma=1.0,
+    )  # fmt: skip
+    results = readme_loop(agent, episodes=6)
+    assert any(results)
+    mem = agent.state.memory.episodic
+    valid = np.asarray(mem.valid)
+    assert valid.sum() == 4 * int(agent.state.step) > 0
+    actions = np.asarray(mem.actions)[valid]
+    assert set(actions.tolist()) <= {0, 1}
+    tok = tiny()[2]
+    for tokens, mask, action, ret in zip(
+        np.asarray(mem.tokens)[valid], np.asarray(mem.token_mask)[valid], actions,
+        np.asarray(mem.returns)[valid], strict=True,
+    ):  # fmt: skip
+        text = tok.decode(tokens[mask])
+        assert text.startswith("Current hand total:") and text.endswith("\n"), text
+        assert f" -> {action} -> " in text, text  # the env action (0 stay, 1 hit)
+        assert -1.0 <= ret <= 1.5  # an undiscounted Blackjack return-to-go
