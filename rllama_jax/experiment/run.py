@@ -120,7 +120,9 @@ def run_experiment(
     model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
     tcfg = train_config(cfg, model_config, tokenizer)
     rcfg = rollout_config(cfg)
-    features = feature_cache(cfg, tcfg)  # shared by the training and evaluation loops
+    # Shared by the training and evaluation loops; a finished run extended with a larger
+    # --total_steps starts from the features it saved (they depend on the frozen LLM only).
+    features = feature_cache(cfg, tcfg, cfg.workdir if resuming else None)
     rollout = Rollout(
         make_envs(cfg, cfg.num_envs), tokenizer, model_config, tcfg, rcfg, seed=cfg.seed,
         extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
