@@ -304,7 +304,7 @@ class RLlamaAgent:
             text=f"{self.format_observation(observation)} -> {action}",
         )
         self._episode.append(turn)
-        self._pending = (observation, action)
+        self._pending = True  # the turn's outcome goes to working memory at the next call
         return action
 
     def assign_reward(self, reward: float) -> None:
@@ -314,9 +314,8 @@ class RLlamaAgent:
         self._episode[-1].reward += float(reward)
 
     def _finish_pending_turn(self, done: bool = False) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is None or not self.train_config.memory.use_working:
-            self._pending = None
+        if not getattr(self, "_pending", False) or not self.train_config.memory.use_working:
+            self._pending = False
             return
         from rllama_jax.rollout import _remember_step
 
@@ -328,7 +327,7 @@ class RLlamaAgent:
             jnp.abs(jnp.asarray([turn.reward])), jnp.asarray([done]),
         )  # fmt: skip
         self.state = self.state.replace(memory=memory)
-        self._pending = None
+        self._pending = False
 
     def terminate_episode(self, truncated: bool = False) -> dict[str, float]:
         """Ends the episode; trains when ``batch_size`` turns are collected and returns the
