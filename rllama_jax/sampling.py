@@ -225,9 +225,12 @@ class PrefixCache:
         return self.k.shape[2]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def build_prefix(params: Params, config: LlamaConfig, prefix_tokens: jax.Array) -> PrefixCache:
-    """Runs the shared prefix ``[P]`` once; recompute after each parameter update."""
+@functools.partial(jax.jit, static_argnames=("config", "remat"))
+def build_prefix(
+    params: Params, config: LlamaConfig, prefix_tokens: jax.Array, remat: bool = False
+) -> PrefixCache:
+    """Runs the shared prefix ``[P]`` once; recompute after each parameter update.
+    remat: rematerialise layers when differentiated (``models.llama.forward``)."""
     p = prefix_tokens.shape[0]
     cache = init_cache(config, 1, p)
     mask = jnp.ones((1, p), bool)
@@ -239,6 +242,7 @@ def build_prefix(params: Params, config: LlamaConfig, prefix_tokens: jax.Array) 
         mask,
         cache,
         compute_logits=False,
+        remat=remat,
     )
     return PrefixCache(k=out.cache.k, v=out.cache.v)
 
@@ -269,10 +273,12 @@ def prefill(
     extra_slots: int,
     prefix: PrefixCache | None = None,
     prompt_embeds: jax.Array | None = None,
+    remat: bool = False,
 ) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
     """Runs the prompt into a fresh cache with ``extra_slots`` free slots after it.
 
     prompt_embeds: optional [B, L, D] input embeddings used instead of the tokens'.
+    remat: rematerialise layers when differentiated (``models.llama.forward``).
     Returns (last_hidden [B, D], last_logits [B, V] float32, cache, next_positions [B]).
     Only the last position's logits are computed (a full [B, L, V] would dominate on small
     models with large vocabularies).
@@ -292,6 +298,7 @@ def prefill(
         cache,
         embeds=prompt_embeds,
         compute_logits=False,
+        remat=remat,
     )
     last_hidden = out.hidden[:, -1]
     last_logits = lm_head(params, last_hidden, config)
@@ -419,7 +426,7 @@ def generate(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "remat"))
 def sequence_logprobs(
     params: Params,
     config: LlamaConfig,
@@ -429,11 +436,14 @@ def sequence_logprobs(
     response_mask: jax.Array,
     sampling: SamplingConfig | None = None,
     prompt_embeds: jax.Array | None = None,
+    remat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Recomputes response log-probs with one full forward pass (what a loss differentiates).
 
     prompt_*: [B, L] left-padded; response_*: [B, N]; prompt_embeds: optional [B, L, D]
-    input embeddings of the prompt. Returns (logprobs [B, N] under the ``sampling``
+    input embeddings of the prompt; remat: rematerialise layers when differentiated
+    (``models.llama.forward``). The LM head runs at the N positions that predict the reply
+    only, never over the prompt. Returns (logprobs [B, N] under the ``sampling``
     distribution, zero where ``response_mask`` is False; last prompt hidden state [B, D]).
     Jitted (config and sampling static); inside another jit it is inlined.
     """
@@ -441,11 +451,14 @@ def sequence_logprobs(
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
     positions = positions_from_mask(mask)
     if prompt_embeds is None:
-        out = forward(params, config, tokens, positions, mask, compute_logits=False)
+        out = forward(params, config, tokens, positions, mask, compute_logits=False, remat=remat)
     else:
         response_embeds = embed(params, response_tokens, config)
         embeds = jnp.concatenate([prompt_embeds.astype(response_embeds.dtype), response_embeds], 1)
-        out = forward(params, config, None, positions, mask, embeds=embeds, compute_logits=False)
+        out = forward(
+            params, config, None, positions, mask, embeds=embeds, compute_logits=False,
+            remat=remat,
+        )  # fmt: skip
     length = prompt_tokens.shape[1]
     # Hidden state at position t predicts token t + 1.
     hidden = out.hidden[:, length - 1 : -1]
@@ -466,7 +479,7 @@ class Scores(NamedTuple):
     candidate_hidden: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "remat"))
 def score_candidates(
     params: Params,
     config: LlamaConfig,
@@ -476,10 +489,12 @@ def score_candidates(
     candidate_mask: jax.Array,
     prefix: PrefixCache | None = None,
     prompt_embeds: jax.Array | None = None,
+    remat: bool = False,
 ) -> Scores:
     """Log-likelihood of each candidate action string given its row's prompt.
 
     prompt_embeds: optional [B, L, D] input embeddings of the prompt (module docstring).
+    remat: rematerialise layers when differentiated (``models.llama.forward``).
 
     The prompt is run once into the cache; all A candidates of a row then go through ONE
     forward call as a single block of A*C tokens whose attention mask lets each candidate
@@ -490,7 +505,7 @@ def score_candidates(
     b, a, c = candidate_tokens.shape
     cmask = candidate_mask.astype(bool)
     prompt_hidden, first_logits, cache, pos = prefill(
-        params, config, prompt_tokens, prompt_mask, a * c, prefix, prompt_embeds
+        params, config, prompt_tokens, prompt_mask, a * c, prefix, prompt_embeds, remat
     )
     flat_tokens = candidate_tokens.reshape(b, a * c)
     flat_mask = cmask.reshape(b, a * c)
@@ -509,6 +524,7 @@ def score_candidates(
         cache,
         compute_logits=False,
         block_mask=block,
+        remat=remat,
     )
     hidden = out.hidden.reshape(b, a, c, -1)
     # Token j of a candidate is predicted by the prompt's last state (j = 0) or by the

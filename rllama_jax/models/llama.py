@@ -241,6 +241,7 @@ def forward(
     compute_logits: bool = True,
     block_mask: jax.Array | None = None,
     scan_layers: bool | None = None,
+    remat: bool = False,
 ) -> ModelOutput:
     """Runs the decoder over ``T`` new tokens.
 
@@ -257,6 +258,14 @@ def forward(
         it is as fast as unrolling) or as an unrolled Python loop (``False``; what the
         per-layer forms from ``unstack_layers`` / ``unstack_cache`` always use). Measured
         choices: BENCHMARKS.md, "Generation and scoring".
+    remat: rematerialise each layer under differentiation (``jax.checkpoint`` on the scanned
+        layer body): the backward pass keeps only every layer's input ``[B, T, D]`` (and its
+        slice of the cache) and recomputes the layer's intermediates (attention scores, MLP
+        activations) one layer at a time, for about one more forward pass of compute. The
+        cache then travels as per-layer scan inputs/outputs instead of the scan carry, so
+        the saved inputs hold one layer's slice, not the whole ``[L, ...]`` stack. Same
+        values as ``remat=False``; for training (the train step's loss), never for acting.
+        Needs the scan (stacked parameters and cache).
 
     ``params`` may carry low-rank adapters (see ``models.lora``): ``params["lora"] =
     {target: {"a": [L, in, r], "b": [L, r, out]}}`` and a scalar ``params["lora_scale"]``;
@@ -292,6 +301,8 @@ def forward(
     use_scan = not (per_layer or per_layer_cache) if scan_layers is None else scan_layers
     if use_scan and (per_layer or per_layer_cache):
         raise ValueError("scan_layers=True needs stacked layers and a stacked cache")
+    if remat and not use_scan:
+        raise ValueError("remat=True runs the layers as a scan: stacked layers and cache")
 
     def layer(x, p, lp, write_kv):
         """One decoder layer on x [B, T, D]. ``write_kv(k, v)`` (None without a cache) stores
@@ -343,8 +354,33 @@ def forward(
 
         return write
 
+    def write_slice(k_l, v_l):
+        """Writes into one layer's [B, S, K, hd] slice of the stacks (a scan input)."""
+
+        def write(k, v):
+            at = (0, index, 0, 0)
+            k_l2 = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), at)
+            v_l2 = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), at)
+            return k_l2.astype(dtype), v_l2.astype(dtype), False, (k_l2, v_l2)
+
+        return write
+
     k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
-    if use_scan:
+    if use_scan and remat:
+        # Each layer's slice of the cache is a scan input and its updated slice an output:
+        # what jax.checkpoint saves per layer is then x and that slice, not the whole stack
+        # (carried, the stack would be saved once per layer: L^2 cache copies).
+        def remat_step(x, xs):
+            p, lp, k_l, v_l = xs
+            write = None if k_l is None else write_slice(k_l, v_l)
+            return layer(x, p, lp, write)
+
+        remat_step = jax.checkpoint(remat_step, prevent_cse=False)
+        xs = (params["layers"], lora, k_all, v_all)
+        h, new_kv = jax.lax.scan(remat_step, h, xs)
+        if cache is not None:
+            k_all, v_all = new_kv
+    elif use_scan:
         # Stacked weights and cache: one scan step per layer, the whole cache carried.
         def step(carry, xs):
             x, k_all, v_all = carry

@@ -77,14 +77,18 @@ def evaluate_score(
     model_config: LlamaConfig,
     config: TrainConfig,
     adapter: latent.AdapterParams | None = None,
+    *,
+    remat: bool = False,
 ) -> ScoreEval:
     """Score-mode policy over candidate actions for observations [M, ...].
 
     adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots.
+    remat: rematerialise the LLM's layers when differentiated (the train step's loss passes
+    ``config.remat``; acting leaves it off).
     When ``obs.features`` is present (frozen LLM, see ``ScoreFeatures``) the model is not run:
     the heads read the stored features."""
     s = obs.features if obs.features is not None else score_features(
-        model, obs, model_config, config, adapter
+        model, obs, model_config, config, adapter, remat=remat
     )  # fmt: skip
     q = {
         name: apply_head(heads[name], s.candidate_hidden)[..., 0]
@@ -122,12 +126,15 @@ def score_features(
     model_config: LlamaConfig,
     config: TrainConfig,
     adapter: latent.AdapterParams | None = None,
+    *,
+    remat: bool = False,
 ) -> ScoreFeatures:
     """The LLM's side of score mode for observations [M, ...]: candidate scores [M, A]
-    (``score_reduction`` of their token log-likelihoods) and hidden states."""
+    (``score_reduction`` of their token log-likelihoods) and hidden states.
+    remat: see ``evaluate_score``."""
     p = config.prefix_len
     if p:  # every row starts with the same p tokens: run them once (see TrainConfig)
-        prefix = build_prefix(model, model_config, obs.prompt_tokens[0, :p])
+        prefix = build_prefix(model, model_config, obs.prompt_tokens[0, :p], remat)
         s = score_candidates(
             model,
             model_config,
@@ -136,6 +143,7 @@ def score_features(
             obs.candidate_tokens,
             obs.candidate_mask,
             prefix=prefix,
+            remat=remat,
         )
     else:
         s = score_candidates(
@@ -146,6 +154,7 @@ def score_features(
             obs.candidate_tokens,
             obs.candidate_mask,
             prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+            remat=remat,
         )
     scores = s.logp_sum if config.score_reduction == "sum" else s.logp_mean
     return ScoreFeatures(scores, s.candidate_hidden, s.prompt_hidden)
@@ -167,10 +176,13 @@ def evaluate_generate(
     model_config: LlamaConfig,
     config: TrainConfig,
     adapter: latent.AdapterParams | None = None,
+    *,
+    remat: bool = False,
 ) -> GenerateEval:
     """Generate-mode policy: log-probs of a reply [M, R] under the sampling distribution.
 
-    adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots."""
+    adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots.
+    remat: see ``evaluate_score``."""
     logp, hidden = sequence_logprobs(
         model,
         model_config,
@@ -180,6 +192,7 @@ def evaluate_generate(
         response_mask,
         config.sampling,
         prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+        remat=remat,
     )
     values = (
         apply_head(heads["value"], hidden)[..., 0]

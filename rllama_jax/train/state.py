@@ -52,6 +52,16 @@ class TrainConfig:
     the user header) laid out unpadded in columns [0, P) (``tokenization.pad_after_prefix``):
     score mode then runs that prefix once per call (batch 1) and only the rows' own tokens
     per row, in acting and in the train step alike.
+    remat: the train step's loss rematerialises the LLM's layers (``jax.checkpoint`` on the
+    scanned layer body, ``models.llama.forward``): the backward pass keeps each layer's
+    input instead of all its intermediates, at the cost of recomputing them (about one more
+    forward pass). It only acts where gradients reach the LLM (trainable lora or full, or
+    a latent-memory adapter feeding the prompt); acting never rematerialises.
+    microbatch_rows: run each minibatch's forward and backward on micro-batches of this
+    many rows and sum their gradients (exactly the minibatch's gradient: the loss still sees
+    every row, see ``train.step``); 0 runs the whole minibatch at once. Must divide the
+    rows of a minibatch (turns per batch / ``minibatches``) when smaller than it. Peak
+    memory scales with these rows, not with the minibatch.
     """
 
     algorithm: str = "ppo"
@@ -86,6 +96,8 @@ class TrainConfig:
     init_log_alpha: float = -2.0
     memory: MemoryConfig = MemoryConfig()
     prefix_len: int = 0
+    remat: bool = True
+    microbatch_rows: int = 0
 
     def __post_init__(self) -> None:
         check = {
@@ -111,6 +123,8 @@ class TrainConfig:
             raise ValueError("epochs and minibatches must be >= 1")
         if self.prefix_len < 0:
             raise ValueError(f"prefix_len must be >= 0, got {self.prefix_len}")
+        if self.microbatch_rows < 0:
+            raise ValueError(f"microbatch_rows must be >= 0, got {self.microbatch_rows}")
         if self.head_input_norm and not self.caches_features:
             raise ValueError(
                 "head_input_norm standardises the frozen LLM's features: it needs "
@@ -238,8 +252,9 @@ def init_train_state(
 ) -> TrainState:
     """A fresh state around pretrained ``params``.
 
-    The state takes ownership of ``params``: ``train_step`` donates the state, so the arrays
-    passed here are consumed by the first step (pass a copy to keep using them elsewhere).
+    ``params`` stay the caller's: frozen weights (the base under LoRA or heads) are shared,
+    never donated by ``train_step``; weights that train (``trainable="full"``) are copied, so
+    one loaded model can back several states (e.g. two agents compared side by side).
 
     replay_example: one ``Transitions`` batch (any leading size) fixing the replay buffer's
     item shapes; required for DQN/SAC.
@@ -248,7 +263,7 @@ def init_train_state(
     trainable: Params = {}
     frozen: Params = {}
     if config.trainable == "full":
-        trainable["model"] = params
+        trainable["model"] = jax.tree.map(jnp.copy, params)  # donated by every train step
         if _needs_reference(config):
             frozen["ref_model"] = jax.tree.map(jnp.copy, params)
     else:

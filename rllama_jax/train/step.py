@@ -11,6 +11,9 @@ reference runs the reference LLM with the current adapter, without the policy he
 base LLM's own policy over the candidates).
 A non-finite loss or gradient skips that update (parameters and optimizer state unchanged)
 and counts it.
+Memory (``TrainConfig.remat``, ``TrainConfig.microbatch_rows``): the loss's forward
+rematerialises the LLM's layers, and an on-policy minibatch can run in micro-batches whose
+gradients add up to the minibatch's (``minibatch_gradient`` inside ``_on_policy_step``).
 
 The loss itself is a pure function of arrays (``rllama_jax.losses``); pass ``loss_fn`` to
 swap in your own without touching this module.
@@ -144,6 +147,37 @@ def _flat(tree: Any, lead: int = 2) -> Any:
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[lead:]), tree)
 
 
+def _microbatch_count(rows: int, microbatch_rows: int) -> int:
+    """How many micro-batches of ``microbatch_rows`` make ``rows`` (1: no split)."""
+    if microbatch_rows <= 0 or microbatch_rows >= rows:
+        return 1
+    if rows % microbatch_rows:
+        raise ValueError(
+            f"microbatch_rows={microbatch_rows} does not divide the {rows} rows of a minibatch"
+        )
+    return rows // microbatch_rows
+
+
+def _split_rows(tree: Any, k: int) -> Any:
+    """[M, ...] -> [k, M // k, ...], micro-batch i holding rows i, i + k, i + 2k, ... (strided,
+    so that rows sharded over devices stay spread over them in every micro-batch)."""
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), tree
+    )
+
+
+def _join_rows(tree: Any) -> Any:
+    """The inverse of ``_split_rows``: [k, M // k, ...] -> [M, ...]."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), tree)
+
+
+def _put_rows(full: jax.Array, part: jax.Array, i: jax.Array, k: int) -> jax.Array:
+    """``full`` [M, ...] with micro-batch ``i`` of ``_split_rows(full, k)`` replaced by
+    ``part`` [M // k, ...]."""
+    split = full.reshape((full.shape[0] // k, k) + full.shape[1:])
+    return jax.lax.dynamic_update_index_in_dim(split, part, i, 1).reshape(full.shape)
+
+
 def _returns_and_advantages(batch: Batch, config: TrainConfig) -> tuple[jax.Array, jax.Array]:
     """Per-turn (advantages, returns) [N, T] for the configured algorithm."""
     valid = batch.valid.astype(jnp.float32)
@@ -231,7 +265,34 @@ def make_train_step(
         step = _on_policy_step(
             config, model_config, optimizer, loss_fn or default_loss_fn(config), constrain
         )
-    return jax.jit(step, donate_argnums=0) if jit else step
+    return DonatingStep(step) if jit else step
+
+
+class DonatingStep:
+    """A train step jitted with the state donated, except its frozen parameters.
+
+    The frozen part (the base model under LoRA or heads, a KL reference) is what the caller
+    loaded: it passes through unchanged, so it is neither donated (the caller's arrays stay
+    alive, e.g. for a second agent on the same model) nor copied out of the step.
+    """
+
+    def __init__(self, step: Callable[[TrainState, Any], tuple[TrainState, Metrics]]) -> None:
+        def without_frozen(state: TrainState, frozen: Params, batch: Any):
+            new, metrics = step(state.replace(frozen=frozen), batch)
+            return new.replace(frozen={}), metrics
+
+        self.jitted = jax.jit(without_frozen, donate_argnums=0)
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        new, metrics = self.jitted(state.replace(frozen={}), state.frozen, batch)
+        return new.replace(frozen=state.frozen), metrics
+
+    def lower(self, state: TrainState, batch: Any) -> Any:
+        """``jax.jit(...).lower`` of the step on these arguments (for AOT and cost analysis)."""
+        return self.jitted.lower(state.replace(frozen={}), state.frozen, batch)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()
 
 
 def _on_policy_step(
@@ -243,22 +304,88 @@ def _on_policy_step(
 ):
     score = config.action_mode == "score"
 
-    def policy_logp(model: Params, tr: Params, mb: dict) -> tuple[jax.Array, ...]:
+    def loss_mask(mb: dict) -> jax.Array:
+        """[M, T']: the turns (score mode) or reply tokens (generate mode) the loss counts."""
+        if score:
+            return mb["valid"][:, None]
+        return mb["response_mask"].astype(bool) & mb["valid"][:, None]
+
+    def policy_logp(
+        model: Params, tr: Params, mb: dict, remat: bool = False
+    ) -> tuple[jax.Array, ...]:
         """(logp [M, T'], mask [M, T'], entropy [M, T'] | None, values [M]) of the policy
-        running ``model`` with the heads and memory adapter of ``tr``."""
-        valid = mb["valid"]
+        running ``model`` with the heads and memory adapter of ``tr``; ``remat``: the LLM
+        rematerialises its layers when differentiated (the loss's forward only)."""
         heads, adapter = tr["heads"], memory_adapter(tr)
         if score:
-            ev = evaluate_score(model, heads, mb["obs"], model_config, config, adapter)
+            ev = evaluate_score(model, heads, mb["obs"], model_config, config, adapter, remat=remat)
             logp = jnp.take_along_axis(ev.log_probs, mb["actions"][:, None], axis=-1)
-            mask = valid[:, None]
-            return logp, mask, ev.entropy[:, None], ev.values
+            return logp, loss_mask(mb), ev.entropy[:, None], ev.values
         ev = evaluate_generate(
             model, heads, mb["obs"], mb["response_tokens"], mb["response_mask"],
-            model_config, config, adapter,
+            model_config, config, adapter, remat=remat,
         )  # fmt: skip
-        mask = mb["response_mask"].astype(bool) & valid[:, None]
-        return ev.token_logp, mask, None, ev.values
+        return ev.token_logp, loss_mask(mb), None, ev.values
+
+    def loss_inputs(mb: dict, logp, entropy, values) -> LossInputs:
+        return LossInputs(
+            logp=logp, old_logp=mb["old_logp"], mask=loss_mask(mb),
+            ref_logp=mb.get("ref_logp"), entropy=entropy, advantages=mb["advantages"],
+            returns=mb["returns"], values=values, old_values=mb["old_values"],
+            valid=mb["valid"],
+        )  # fmt: skip
+
+    def outputs(tr: Params, frozen: Params, rows: dict) -> tuple[Any, Any, Any]:
+        """(logp, entropy, values) of the current policy on ``rows``: the model outputs
+        the loss differentiates."""
+        model = policy_params(tr, frozen, config)
+        logp, _, entropy, values = policy_logp(model, tr, rows, remat=config.remat)
+        return logp, entropy, values
+
+    def minibatch_gradient(trainable: Params, frozen: Params, mb: dict):
+        """(loss, metrics, gradient) of the loss over the minibatch ``mb`` [M rows].
+
+        With ``config.microbatch_rows`` the model runs on micro-batches of that many rows
+        (a ``lax.scan``: one compiled body) and their gradients are summed. The loss itself
+        always sees all M rows: the rows outside the current micro-batch enter it as
+        constants (their acting-time log-probs and values), so its denominators (valid
+        tokens, valid turns, sequences) and batch statistics (advantage normalisation, the
+        REINFORCE mean baseline) are the whole minibatch's. For a loss that is a sum of
+        per-row terms over such minibatch-wide constants (every built-in loss), the
+        gradient with respect to a micro-batch's outputs does not depend on the other rows'
+        values, so the summed gradient is the whole-minibatch gradient (up to rounding).
+        Loss and metrics are computed once on all M rows' outputs.
+        """
+        rows = mb["valid"].shape[0]
+        k = _microbatch_count(rows, config.microbatch_rows)
+        if k == 1:
+
+            def objective(tr: Params):
+                return loss_fn(loss_inputs(mb, *outputs(tr, frozen, mb)))
+
+            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+            return loss, metrics, grads
+
+        entropy0 = jnp.zeros_like(mb["old_logp"], jnp.float32) if score else None
+        stand_in = (mb["old_logp"], entropy0, mb["old_values"])
+
+        def micro(grads: Params, xs):
+            i, part = xs
+
+            def objective(tr: Params):
+                out = outputs(tr, frozen, part)
+                full = jax.tree.map(
+                    lambda s, o: _put_rows(s, o.astype(s.dtype), i, k), stand_in, out
+                )
+                return loss_fn(loss_inputs(mb, *full))[0], out
+
+            (_, out), g = jax.value_and_grad(objective, has_aux=True)(trainable)
+            return jax.tree.map(jnp.add, grads, g), out
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, outs = jax.lax.scan(micro, zeros, (jnp.arange(k), _split_rows(mb, k)))
+        loss, metrics = loss_fn(loss_inputs(mb, *_join_rows(outs)))
+        return loss, metrics, grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         n, t = batch.rewards.shape
@@ -288,26 +415,17 @@ def _on_policy_step(
             # the current head it would be the policy itself whenever only heads train).
             ref_model = reference_params(state.frozen, config)
             ref_heads = {k: v for k, v in state.trainable["heads"].items() if k != "policy"}
-            data["ref_logp"] = jax.lax.stop_gradient(
-                policy_logp(ref_model, {**state.trainable, "heads": ref_heads}, data)[0]
+            ref_tr = {**state.trainable, "heads": ref_heads}
+            k = _microbatch_count(m, config.microbatch_rows)
+            ref_logp = jax.lax.map(
+                lambda rows: policy_logp(ref_model, ref_tr, rows)[0], _split_rows(data, k)
             )
+            data["ref_logp"] = jax.lax.stop_gradient(_join_rows(ref_logp))
 
         def grad_step(carry, idx):
             trainable, opt_state, skipped = carry
             mb = constrain(jax.tree.map(lambda x: x[idx], data))
-
-            def objective(tr: Params):
-                model = policy_params(tr, state.frozen, config)
-                logp, mask, entropy, values = policy_logp(model, tr, mb)
-                inputs = LossInputs(
-                    logp=logp, old_logp=mb["old_logp"], mask=mask,
-                    ref_logp=mb.get("ref_logp"), entropy=entropy,
-                    advantages=mb["advantages"], returns=mb["returns"], values=values,
-                    old_values=mb["old_values"], valid=mb["valid"],
-                )  # fmt: skip
-                return loss_fn(inputs)
-
-            (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+            loss, metrics, grads = minibatch_gradient(trainable, state.frozen, mb)
             metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
             trainable, opt_state, skip = _guarded_update(
                 optimizer, trainable, opt_state, grads, loss
@@ -345,7 +463,10 @@ def _off_policy_step(
     def objective(trainable: Params, target: Params, frozen: Params, items: Transitions, w):
         model = policy_params(trainable, frozen, config)
         adapter = memory_adapter(trainable)
-        ev = evaluate_score(model, trainable["heads"], items.obs, model_config, config, adapter)
+        ev = evaluate_score(
+            model, trainable["heads"], items.obs, model_config, config, adapter,
+            remat=config.remat,
+        )  # fmt: skip
         nxt = evaluate_score(
             model, trainable["heads"], items.next_obs, model_config, config, adapter
         )
