@@ -18,20 +18,23 @@ an interrupted run resumes it.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 
 from rllama_jax.experiment import run_experiment
+from rllama_jax.experiment.build import check_env
 from rllama_jax.experiment.flags import config_from_flags, define_experiment_flags
-from rllama_jax.experiment.run import check_resumable
+from rllama_jax.experiment.run import RunError, check_resumable
+from rllama_jax.models.loading import cache_dir
 
 define_experiment_flags()
 flags.DEFINE_integer("sigkill_at_update", 0, "Testing only: SIGKILL this process in that update.")
 flags.DEFINE_bool("progress", True, "Show the progress bar.")
 flags.DEFINE_string(
     "compilation_cache",
-    os.path.join(os.path.expanduser("~"), ".cache", "rllama_jax", "xla"),
+    os.path.join(cache_dir(), "xla"),
     "Persistent XLA compilation cache directory ('' to disable): reruns skip compiling.",
 )
 FLAGS = flags.FLAGS
@@ -44,14 +47,18 @@ def main(argv: list[str]) -> None:
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    cfg = config_from_flags()
-    try:
+    try:  # a bad setting costs one line, before anything is loaded or compiled
+        cfg = config_from_flags()
         cfg.validate()
         if cfg.workdir:
             check_resumable(cfg)
+        check_env(cfg)  # a non-text env stops here, before the model loads
     except ValueError as err:
-        raise app.UsageError(str(err)) from None
-    run_experiment(cfg, progress=FLAGS.progress, sigkill_at_update=FLAGS.sigkill_at_update)
+        sys.exit(f"error: {err}")
+    try:
+        run_experiment(cfg, progress=FLAGS.progress, sigkill_at_update=FLAGS.sigkill_at_update)
+    except RunError as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

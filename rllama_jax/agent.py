@@ -37,7 +37,13 @@ from rllama_jax.memory import (
 from rllama_jax.memory.prompt import EPISODIC_HEADER, WORKING_HEADER
 from rllama_jax.models import DEFAULT_MODEL, LlamaConfig, Params, load_pretrained
 from rllama_jax.models.lora import LoraConfig
-from rllama_jax.rollout import Rollout, RolloutConfig, act, transitions_example
+from rllama_jax.rollout import (
+    ExplorationCheck,
+    Rollout,
+    RolloutConfig,
+    act,
+    transitions_example,
+)
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.tokenization import decode_responses
 from rllama_jax.train import (
@@ -113,7 +119,7 @@ class RLlamaAgent:
         **train_kwargs: Any,
     ) -> None:
         if isinstance(model, str):
-            self.model_config, params, tok = load_pretrained(model)
+            self.model_config, params, tok = load_pretrained(model, seed=seed)
         else:
             self.model_config, params, tok = model
         self.tokenizer = tokenizer if tokenizer is not None else tok
@@ -173,6 +179,7 @@ class RLlamaAgent:
         self._insert_at: np.ndarray | None = None
         self._encoder: Rollout | None = None
         self._calibrated = False
+        self.exploration = ExplorationCheck()  # warns if every reply maps to one action
 
     # ------------------------------------------------------------------ subclass hooks
     def get_system_prompt(self) -> str:
@@ -280,7 +287,10 @@ class RLlamaAgent:
             texts = decode_responses(
                 self.tokenizer, np.asarray(out.response_tokens), np.asarray(out.response_mask)
             )
-        return [self.extract_action(t) for t in texts], out
+        actions = [self.extract_action(t) for t in texts]
+        if self.train_config.action_mode == "generate":
+            self.exploration.observe(actions, texts)
+        return actions, out
 
     def _memory_for(self, n: int):
         memory = self.state.memory

@@ -21,8 +21,10 @@ representations write memory the same way.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -244,6 +246,46 @@ def shared_prefix_length(tokenizer: Any, system_prompt: str) -> int:
     return n
 
 
+class ExplorationCheck:
+    """Warns once when a generate-mode policy does not explore: over its first ``window``
+    replies, ``extract_action`` mapped more than ``threshold`` of them to one action. RL then
+    has nothing to compare that action with (the seed's Blackjack prompt makes SmolLM2 say
+    "hit" every time), and the warning says what to change.
+    """
+
+    def __init__(self, window: int = 64, threshold: float = 0.99) -> None:
+        self.window, self.threshold = window, threshold
+        self.actions: list[str] = []
+        self.example: dict[str, str] = {}
+        self.message: str | None = None
+        self.done = False
+
+    def observe(self, actions: list[Any], replies: list[str]) -> str | None:
+        """Records one acting step's parsed actions and replies; returns (and logs) the
+        warning the first time it applies, else None."""
+        if self.done:
+            return None
+        for action, reply in zip(actions, replies, strict=True):
+            name = "unparseable (None)" if action is None else repr(action)
+            self.actions.append(name)
+            self.example.setdefault(name, reply)
+        if len(self.actions) < self.window:
+            return None
+        self.done = True
+        seen = self.actions[: self.window]
+        name, count = collections.Counter(seen).most_common(1)[0]
+        if count <= self.threshold * len(seen):
+            return None
+        self.message = (
+            f"the policy does not explore: {count} of its first {len(seen)} replies became "
+            f"action {name} (e.g. {self.example[name][:40]!r}), so nothing can be learned about "
+            "the others; score the actions instead (define candidate_actions / "
+            "--action_mode=score) or use a prompt that names every action"
+        )
+        logging.getLogger("rllama_jax").warning(self.message)
+        return self.message
+
+
 class Rollout:
     """Steps ``envs`` (text envs with ``info["candidates"]``) with the current policy.
 
@@ -320,6 +362,7 @@ class Rollout:
         self.episode_returns = np.zeros(len(envs))
         self.finished_returns: list[float] = []
         self.parse_failures = 0
+        self.exploration = ExplorationCheck()
 
     def _candidates(self, obs: Any, info: dict) -> list[str]:
         if self.candidate_actions is not None:
@@ -443,6 +486,8 @@ class Rollout:
                 for r in replies:
                     actions.append(self.extract_action(r))
                     action_texts.append(r.strip()[:60])
+                if not self.greedy:
+                    self.exploration.observe(actions, replies)
             final_obs, final_cands = list(self.raw_obs), list(self.candidates)
             step_texts = []
             for i, env in enumerate(self.envs):

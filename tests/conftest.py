@@ -10,6 +10,23 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")  # the launcher script
+
+# A tiny PPO launcher run with working memory (so memory is part of what a checkpoint holds),
+# a checkpoint every update: 4 updates of 4 envs x 4 steps.
+SMALL_RUN = dict(
+    model="tiny", env="tmaze", memory="working", trainable="lora", num_envs=4, steps_per_update=4,
+    total_steps=64, epochs=1, minibatches=2, eval_every=0, eval_episodes=4, eval_envs=4,
+    checkpoint_every=1, keep_checkpoints=2, learning_rate=1e-3,
+)  # fmt: skip
+
+
+def launcher_flags(**kw) -> list[str]:
+    """``--name=value`` flags of the launcher."""
+    return [f"--{k}={v}" for k, v in kw.items()]
+
+
 TINY = dict(
     vocab_size=97,
     hidden_size=64,

@@ -18,20 +18,8 @@ from rllama_jax.experiment import ExperimentConfig, load_run, run_experiment
 from rllama_jax.experiment.checkpoint import RunCheckpointer
 from rllama_jax.experiment.metrics import read_records
 from rllama_jax.experiment.run import check_resumable
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "experiments", "train.py")
-
-# A tiny PPO run with working memory (so memory is part of what must be restored).
-SMALL = dict(
-    model="tiny", env="tmaze", memory="working", trainable="lora", num_envs=4, steps_per_update=4,
-    total_steps=64, epochs=1, minibatches=2, eval_every=0, eval_episodes=4, eval_envs=4,
-    checkpoint_every=1, keep_checkpoints=2, learning_rate=1e-3,
-)  # fmt: skip
-
-
-def _flags(**kw) -> list[str]:
-    return [f"--{k}={v}" for k, v in kw.items()]
+from tests.conftest import SMALL_RUN as SMALL
+from tests.conftest import TRAIN, launcher_flags
 
 
 @pytest.mark.parametrize(
@@ -72,6 +60,8 @@ def test_launcher_rejects_bad_flags_before_loading_anything(tmp_path):
 def test_resume_refuses_a_different_experiment(tmp_path):
     cfg = ExperimentConfig(**SMALL, workdir=str(tmp_path))
     cfg.save(str(tmp_path))
+    assert not check_resumable(cfg)  # nothing trained yet: any settings start afresh
+    os.makedirs(tmp_path / "checkpoints" / "4")  # a finished checkpoint, as orbax names it
     assert check_resumable(cfg.replace(total_steps=128))  # longer: same experiment
     with pytest.raises(ValueError, match=r"algo: 'ppo' -> 'a2c'"):
         check_resumable(cfg.replace(algo="a2c"))
@@ -83,7 +73,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
     run_experiment(straight, progress=False, log=lambda *_: None)
 
     killed = straight.replace(workdir=str(tmp_path / "killed"))
-    cmd = [sys.executable, TRAIN, *_flags(**SMALL, workdir=killed.workdir),
+    cmd = [sys.executable, TRAIN, *launcher_flags(**SMALL, workdir=killed.workdir),
            "--sigkill_at_update=3", "--progress=false"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

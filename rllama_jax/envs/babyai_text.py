@@ -18,6 +18,8 @@ package). ``MixedTrainLocal`` rebuilds GLAM's training level, which minigrid doe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from typing import Any
 
@@ -227,7 +229,10 @@ class BabyAITextEnv(TextEnv):
         return describe_view(grid_observation["image"], grid_observation["mission"], carried)
 
     def _start(self, seed: int | None) -> tuple[str, dict[str, Any]]:
-        grid_observation, _ = self.minigrid_env.reset(seed=seed)
+        # minigrid prints "Sampling rejected: ..." for every level it redraws; through the
+        # launcher that would be a line per episode in the middle of the progress bar.
+        with contextlib.redirect_stdout(io.StringIO()):
+            grid_observation, _ = self.minigrid_env.reset(seed=seed)
         self.max_steps = int(self.minigrid_env.max_steps)
         self.mission = grid_observation["mission"]
         self.candidates = list(BABYAI_CANDIDATES)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
-import jax
 
 import rllama_jax.envs  # noqa: F401  (registers the rllama/ environments)
 from rllama_jax.experiment.config import ExperimentConfig
@@ -25,32 +24,18 @@ from rllama_jax.losses import (
 from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
 from rllama_jax.memory.latent import LatentConfig
 from rllama_jax.memory.prompt import EPISODIC_HEADER, WORKING_HEADER
-from rllama_jax.models import LlamaConfig, Params, init_params, load_pretrained
-from rllama_jax.models.loading import default_model_dir, load_tokenizer
+from rllama_jax.models import LlamaConfig, Params, load_pretrained
+from rllama_jax.models.loading import TINY_MODEL, tiny_model_config  # noqa: F401 (re-exported)
 from rllama_jax.models.lora import LoraConfig
 from rllama_jax.rollout import RolloutConfig, shared_prefix_length
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.train import TrainConfig
 
-TINY_MODEL = "tiny"
-
-
-def tiny_model_config(vocab_size: int) -> LlamaConfig:
-    """The random 2-layer Llama used by tests, smoke runs and the T-maze checks."""
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
-    )  # fmt: skip
-
 
 def load_model(name: str, seed: int = 0) -> tuple[LlamaConfig, Params, Any]:
-    """``(config, params, tokenizer)``: ``"tiny"`` is a random 2-layer Llama with the default
-    model's tokenizer; anything else goes to ``load_pretrained``."""
-    if name == TINY_MODEL:
-        tokenizer = load_tokenizer(default_model_dir())
-        config = tiny_model_config(len(tokenizer))
-        return config, init_params(config, jax.random.key(seed)), tokenizer
-    return load_pretrained(name)
+    """``(config, params, tokenizer)`` of ``--model`` (``load_pretrained``; ``seed`` draws
+    the random weights of ``"tiny"``)."""
+    return load_pretrained(name, seed=seed)
 
 
 def _token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
@@ -126,6 +111,8 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         updates_per_step=cfg.updates_per_step,
         memory=memory_config(cfg, model_config, tokenizer),
         prefix_len=prefix_len(cfg, tokenizer),
+        remat=cfg.remat,
+        microbatch_rows=cfg.microbatch_rows,
     )  # fmt: skip
     if cfg.head_norm and tcfg.caches_features:
         tcfg = dataclasses.replace(tcfg, head_input_norm=True)
@@ -176,6 +163,46 @@ def make_envs(cfg: ExperimentConfig, n: int) -> list[gym.Env]:
     """``n`` fresh environments of the run's preset (or gymnasium id)."""
     preset = cfg.preset
     return [gym.make(preset.env_id, **dict(preset.kwargs)) for _ in range(n)]
+
+
+def check_env(cfg: ExperimentConfig) -> None:
+    """Raises ``ValueError`` with a one-line reason if the run's environment cannot be made
+    or is not a text environment the launcher can drive: its observations must be strings,
+    it must have a ``system_prompt``, and in score mode ``info["candidates"]`` must list the
+    actions. Makes and resets one environment: cheap next to loading a model."""
+    try:
+        env = make_envs(cfg, 1)[0]
+    except (gym.error.Error, ImportError) as err:  # unknown id, missing optional extra
+        raise ValueError(f"--env={cfg.env}: {err}") from None
+    try:
+        observation, info = env.reset(seed=cfg.seed)
+        base = env.unwrapped
+    finally:
+        env.close()
+    how = (
+        "wrap it in a subclass of rllama_jax.envs.base.TextEnv (text observations, a "
+        "system_prompt, info['candidates']), or drive it through the agent API "
+        "(rllama_jax.RLlamaAgent with a format_observation)"
+    )
+    if not isinstance(observation, str):
+        kind = type(observation)
+        name = kind.__qualname__
+        if kind.__module__ != "builtins":
+            name = f"{kind.__module__.split('.')[0]}.{name}"
+        raise ValueError(
+            f"--env={cfg.env}: the launcher trains on text environments, but this one's "
+            f"observations are {name}, not str; {how}"
+        )
+    if not isinstance(getattr(base, "system_prompt", None), str):
+        raise ValueError(
+            f"--env={cfg.env}: {type(base).__name__} has no system_prompt (str); {how}"
+        )
+    if cfg.action_mode == "score" and not info.get("candidates"):
+        raise ValueError(
+            f"--env={cfg.env}: --action_mode=score ranks the actions listed in "
+            "info['candidates'], and this environment's reset info has none; list them "
+            "(rllama_jax.envs.base.TextEnv does) or use --action_mode=generate"
+        )
 
 
 def _first_line(reply: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 from rllama_jax.envs.blackjack import blackjack_extract_action
@@ -20,11 +21,25 @@ MEMORY_SETTINGS = ("none", "working", "episodic", "both")
 MEMORY_MODES = ("text", "latent")
 
 
+def textworld_command(reply: str) -> str:
+    """TextWorld's generate-mode parser: the text after "command:" (the format its system
+    prompt asks for), else the reply's first line; the env matches it against the
+    admissible commands, and a mismatch is a counted parse failure."""
+    match = re.search(r"command:\s*(.+?)\s*(?:\n|$)", reply, re.IGNORECASE)
+    text = match.group(1) if match else reply.strip().split("\n", 1)[0]
+    return re.sub(r"[\s.!\"'`]+$", "", text).strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvPreset:
     """How the launcher runs one environment: its gymnasium id and keyword arguments, the
-    fixed prompt width (tokens before memory), candidate layout, and how a generated reply
-    becomes an action (None: the reply's first line, matched against the candidates)."""
+    fixed prompt width (tokens before memory), candidate layout, how a generated reply
+    becomes an action (None: the reply's first line, matched against the candidates), and
+    reference returns drawn on the learning curve (``(name, mean episode return)`` pairs).
+
+    The widths must hold every prompt and candidate list the env can produce (a longer one
+    stops the run): they are checked against long random-play runs of each preset.
+    """
 
     env_id: str
     kwargs: tuple[tuple[str, Any], ...] = ()
@@ -32,26 +47,43 @@ class EnvPreset:
     max_actions: int = 2
     candidate_len: int = 4
     extract_action: Any = None
+    references: tuple[tuple[str, float], ...] = ()
 
+
+# Mean return per hand by dynamic programming for gymnasium Blackjack-v1's default rules
+# (infinite deck, no natural bonus); experiments/RESULTS.md quotes them.
+BLACKJACK_REFERENCES = (
+    ("optimal", -0.047), ("stick at 17+", -0.079), ("always stick", -0.186), ("random", -0.40),
+)  # fmt: skip
+# T-maze: +1 for the cued turn, -1 for the other; without memory the junction is a coin flip.
+TMAZE_REFERENCES = (("remembers the cue", 1.0), ("chance", 0.0))
+# Keyed bandit (2 levers, 1 for the paying one): chance is 1/2, recall of every situation 1.
+BANDIT_REFERENCES = (("recalls every situation", 1.0), ("chance", 0.5))
 
 ENV_PRESETS: dict[str, EnvPreset] = {
     "blackjack": EnvPreset(
         "rllama/Blackjack-v0", prompt_len=160, candidate_len=2,
-        extract_action=blackjack_extract_action,
+        extract_action=blackjack_extract_action, references=BLACKJACK_REFERENCES,
     ),
     "tmaze": EnvPreset(
-        "rllama/TMaze-v0", (("corridor_length", 2),), prompt_len=128, candidate_len=3
+        "rllama/TMaze-v0", (("corridor_length", 2),), prompt_len=128, candidate_len=3,
+        references=TMAZE_REFERENCES,
     ),
-    "bandit": EnvPreset("rllama/KeyedBandit-v0", prompt_len=160, max_actions=4),
+    "bandit": EnvPreset(
+        "rllama/KeyedBandit-v0", prompt_len=160, max_actions=4, references=BANDIT_REFERENCES
+    ),
+    # A full 7x7 view (goal, 3 walls, 9 objects, a carried one) is about 360 tokens.
     "babyai-goto": EnvPreset(
-        "rllama/BabyAI-GoToLocal-v0", (("max_steps", 32),), prompt_len=320, max_actions=6
+        "rllama/BabyAI-GoToLocal-v0", (("max_steps", 32),), prompt_len=384, max_actions=6
     ),
     "babyai-mixed": EnvPreset(
-        "rllama/BabyAI-MixedTrainLocal-v0", (("max_steps", 32),), prompt_len=320, max_actions=6
+        "rllama/BabyAI-MixedTrainLocal-v0", (("max_steps", 32),), prompt_len=384, max_actions=6
     ),
+    # Commands such as "unlock non-euclidean box with non-euclidean key" are 13 tokens, and
+    # random play over the 10 easy games meets up to 15 admissible commands.
     "textworld-easy": EnvPreset(
-        "rllama/TextWorld-easy-v0", (("max_steps", 20),), prompt_len=512, max_actions=16,
-        candidate_len=8,
+        "rllama/TextWorld-easy-v0", (("max_steps", 20),), prompt_len=512, max_actions=24,
+        candidate_len=16, extract_action=textworld_command,
     ),
 }  # fmt: skip
 
@@ -126,6 +158,20 @@ class ExperimentConfig:
     n_step: int = _field(5, "Bootstrapping horizon of A2C returns.")
     epochs: int = _field(2, "Passes over each batch (PPO, GRPO).")
     minibatches: int = _field(2, "Minibatches per pass; must divide num_envs x steps_per_update.")
+    microbatch_rows: int = _field(
+        0,
+        "PPO/A2C/REINFORCE/GRPO: run each minibatch's forward and backward on micro-batches of "
+        "this many rows and sum their gradients (the same gradient as the whole minibatch; "
+        "peak memory scales with these rows); must divide the rows of a minibatch; 0: the "
+        "whole minibatch at once. Ignored by DQN/SAC.",
+    )
+    remat: bool = _field(
+        True,
+        "Rematerialise the LLM's layers in the train step's backward pass (jax.checkpoint): "
+        "keeps each layer's input instead of all its activations, for about one more forward "
+        "pass of compute. Only matters when gradients reach the LLM (--trainable=lora/full, "
+        "or latent memory); acting never rematerialises.",
+    )
     clip_eps: float = _field(0.2, "PPO/GRPO ratio clip.")
     ent_coef: float = _field(0.03, "Entropy bonus (PPO, A2C, REINFORCE).")
     normalize_advantages: bool = _field(
@@ -229,6 +275,18 @@ class ExperimentConfig:
                 f"a batch of --num_envs x --steps_per_update = {self.steps_per_batch} turns is "
                 f"not divisible by --minibatches={self.minibatches}"
             )
+        if self.microbatch_rows < 0:
+            raise ValueError(f"--microbatch_rows must be >= 0, got {self.microbatch_rows}")
+        rows = self.steps_per_batch // self.minibatches
+        if (
+            self.algo not in OFF_POLICY
+            and 0 < self.microbatch_rows < rows
+            and (rows % self.microbatch_rows)
+        ):
+            raise ValueError(
+                f"--microbatch_rows={self.microbatch_rows} does not divide the {rows} rows of a "
+                "minibatch (--num_envs x --steps_per_update / --minibatches)"
+            )
         if self.algo == "grpo" and (self.group_size < 2 or self.num_envs % self.group_size):
             raise ValueError(
                 f"--algo=grpo needs --group_size >= 2 dividing --num_envs={self.num_envs}, "
@@ -274,7 +332,7 @@ class ExperimentConfig:
 # Settings a resumed run may change without breaking the experiment it continues.
 RESUMABLE_CHANGES = frozenset(
     {"total_steps", "workdir", "eval_every", "eval_episodes", "eval_envs", "checkpoint_every",
-     "keep_checkpoints", "wandb_project", "feature_cache"}
+     "keep_checkpoints", "wandb_project", "feature_cache", "remat", "microbatch_rows"}
 )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from rllama_jax.experiment.build import (
     FEATURE_CACHE_FILE,
+    check_env,
     extract_action,
     feature_cache,
     load_model,
@@ -34,12 +35,16 @@ from rllama_jax.experiment.build import (
 )
 from rllama_jax.experiment.checkpoint import (
     RunCheckpointer,
+    UnreadableCheckpointError,
     restore_rollout_host_state,
     rollout_host_state,
+    saved_steps,
 )
 from rllama_jax.experiment.config import ExperimentConfig, incompatible_changes
 from rllama_jax.experiment.evaluation import EvalResult, evaluate
+from rllama_jax.experiment.memory_check import TrainMemoryError, check_train_memory
 from rllama_jax.experiment.metrics import MetricsWriter, plot_learning_curve
+from rllama_jax.models import CheckpointError
 from rllama_jax.rollout import Rollout, transitions_example
 from rllama_jax.train import calibrate_heads, init_train_state, make_train_step
 
@@ -66,7 +71,9 @@ class RunResult:
             ("trainable", cfg.trainable), ("memory", f"{cfg.memory} ({cfg.memory_mode})"),
             ("updates", self.updates), ("environment steps", self.env_steps),
             ("episodes", self.episodes),
-            (f"train return (last {RECENT_EPISODES} episodes)", f"{self.train_return:+.3f}"),
+            (f"train return (last {RECENT_EPISODES} episodes)",
+             f"{self.train_return:+.3f}" if np.isfinite(self.train_return)
+             else "- (no training episode finished)"),
             (f"greedy eval return ({cfg.eval_episodes} episodes)",
              f"{self.eval_return:+.3f} ± {self.eval_return_se:.3f}"),
             ("wall time", f"{self.seconds:.0f} s (first-update compile {self.compile_seconds:.0f} s)"),
@@ -76,16 +83,21 @@ class RunResult:
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+class RunError(RuntimeError):
+    """A run that cannot start, with a one-line reason (the launcher prints it as is)."""
+
+
 def default_workdir(cfg: ExperimentConfig) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{cfg.env}-{cfg.algo}-{cfg.memory}-s{cfg.seed}-{stamp}")
 
 
 def check_resumable(cfg: ExperimentConfig) -> bool:
-    """True if ``cfg.workdir`` holds a run to resume; raises if it is a different experiment
-    (before anything in it is touched)."""
+    """True if ``cfg.workdir`` holds a run to resume (its settings and a checkpoint); raises
+    if it is a different experiment (before anything in it is touched). A workdir without a
+    checkpoint holds nothing trained: it is started afresh, whatever settings it names."""
     path = os.path.join(cfg.workdir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not saved_steps(cfg.workdir):
         return False
     saved = ExperimentConfig.load(cfg.workdir)
     changed = incompatible_changes(saved, cfg)
@@ -111,13 +123,17 @@ def run_experiment(
     update, after collecting and before the gradient step (checkpoints are flushed first).
     """
     cfg.validate()
+    check_env(cfg)
     if not cfg.workdir:
         cfg = cfg.replace(workdir=default_workdir(cfg))
     resuming = check_resumable(cfg)
+    # The workdir is written only once the model has loaded: a wrong --model leaves nothing.
+    try:
+        model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
+    except (OSError, CheckpointError) as err:
+        raise RunError(f"--model={cfg.model}: {err}") from err
     os.makedirs(cfg.workdir, exist_ok=True)
     cfg.save(cfg.workdir)
-
-    model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
     tcfg = train_config(cfg, model_config, tokenizer)
     rcfg = rollout_config(cfg)
     # Shared by the training and evaluation loops; a finished run extended with a larger
@@ -133,11 +149,20 @@ def run_experiment(
         tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
         replay_example=example,
     )  # fmt: skip
+    del params  # the state holds what it needs
     train_step = make_train_step(tcfg, model_config)
+    if cfg.trainable != "heads":  # steps through the LLM: refuse one that cannot fit
+        try:
+            check_train_memory(train_step, state, cfg, tcfg, model_config)
+        except TrainMemoryError as err:
+            raise RunError(str(err)) from err
     checkpointer = RunCheckpointer(cfg.workdir, cfg.keep_checkpoints)
     start, env_steps, elapsed = 0, 0, 0.0
-    if resuming and checkpointer.latest_step() is not None:
-        state, host = checkpointer.restore(state)
+    if resuming:
+        try:
+            state, host, _ = checkpointer.restore_readable(state)
+        except UnreadableCheckpointError as err:
+            raise RunError(str(err)) from err
         restore_rollout_host_state(rollout, host["rollout"])
         start, env_steps, elapsed = host["update"], host["env_steps"], host["seconds"]
         log(f"resuming {cfg.workdir} at update {start} ({env_steps} environment steps)")
@@ -219,8 +244,14 @@ def run_experiment(
         compile_seconds=compile_seconds,
     )  # fmt: skip
     with open(os.path.join(cfg.workdir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(result), f, indent=2)
-    plot_learning_curve(cfg.workdir, title=f"{cfg.env} / {cfg.algo} / {cfg.model}")
+        # Valid JSON: a train return with no finished episode is null, not NaN.
+        summary = {k: None if isinstance(v, float) and not np.isfinite(v) else v
+                   for k, v in dataclasses.asdict(result).items()}  # fmt: skip
+        json.dump(summary, f, indent=2)
+    trained = {"heads": "LLM frozen, heads trained", "lora": "LLM trained (LoRA)",
+               "full": "LLM trained (all weights)"}[cfg.trainable]  # fmt: skip
+    plot_learning_curve(cfg.workdir, title=f"{cfg.env} / {cfg.algo} / {cfg.model}: {trained}",
+                        references=cfg.preset.references)  # fmt: skip
     log(result.table(cfg))
     return result
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -127,8 +128,15 @@ def default_model_dir() -> str:
     """The converted SmolLM2-135M-Instruct directory, converting it on first use."""
     gguf_path = smollm2_gguf_path()
     out_dir = os.path.join(cache_dir(), DEFAULT_MODEL)
-    if not _cached_conversion_is_current(out_dir, gguf_path):
-        convert_gguf_to_hf_dir(gguf_path, out_dir)
+    if _cached_conversion_is_current(out_dir, gguf_path):
+        return out_dir
+    os.makedirs(cache_dir(), exist_ok=True)
+    # Processes started together (parallel tests, several launchers) convert once: the
+    # others wait for the lock, then find the conversion done.
+    with open(os.path.join(cache_dir(), f".{DEFAULT_MODEL}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _cached_conversion_is_current(out_dir, gguf_path):
+            convert_gguf_to_hf_dir(gguf_path, out_dir)
     return out_dir
 
 
