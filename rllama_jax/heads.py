@@ -21,21 +21,31 @@ Params = dict[str, jax.Array]
 
 
 def init_head(
-    key: jax.Array, in_dim: int, out_dim: int = 1, hidden: int = 0, normalize: bool = False
+    key: jax.Array,
+    in_dim: int,
+    out_dim: int = 1,
+    hidden: int = 0,
+    normalize: bool = False,
+    out_scale: float = 0.0,
 ) -> Params:
     """Parameters of a head mapping ``[..., in_dim]`` to ``[..., out_dim]``.
 
     The output layer starts at zero so a fresh value/Q head predicts 0 and does not perturb
-    early learning. normalize: add the input standardisation (see the module docstring).
+    early learning. out_scale > 0 draws it instead from N(0, out_scale^2 / fan_in): heads
+    that must differ from the start (SAC's twin critics, whose minimum is only pessimistic
+    if they disagree) get independent, still small, outputs. normalize: add the input
+    standardisation (see the module docstring).
     """
+    k1, k2 = jax.random.split(key)
+    fan_in = in_dim if hidden <= 0 else hidden
+    w = out_scale * jax.random.normal(k2, (fan_in, out_dim), jnp.float32) / jnp.sqrt(fan_in)
     if hidden <= 0:
-        params = {"w": jnp.zeros((in_dim, out_dim), jnp.float32), "b": jnp.zeros((out_dim,))}
+        params = {"w": w, "b": jnp.zeros((out_dim,))}
     else:
-        k1, _ = jax.random.split(key)
         params = {
             "w1": jax.random.normal(k1, (in_dim, hidden), jnp.float32) / jnp.sqrt(in_dim),
             "b1": jnp.zeros((hidden,), jnp.float32),
-            "w": jnp.zeros((hidden, out_dim), jnp.float32),
+            "w": w,
             "b": jnp.zeros((out_dim,), jnp.float32),
         }
     if normalize:

@@ -346,3 +346,23 @@ def test_ppo_kl_penalty_uses_reference():
         )  # fmt: skip
     # After updates the policy moved away from the reference: the KL estimate is positive.
     assert float(metrics["kl_ref"]) > 0.0
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_sac_twin_critics_start_independent_and_stay_apart(hidden):
+    """With zero-initialised linear heads, q1 and q2 got identical gradients forever, so
+    min(q1, q2) was q1: no twin pessimism. They now start from independent small weights."""
+    cfg, state, step = make("sac", trainable="heads", head_hidden=hidden, replay_batch=8)
+    heads = state.trainable["heads"]
+    w1, w2 = np.asarray(heads["q1"]["w"]), np.asarray(heads["q2"]["w"])
+    assert not np.allclose(w1, w2)
+    fan_in = w1.shape[0]
+    assert 0 < np.abs(w1).max() < 5 * 0.01 / np.sqrt(fan_in)  # small: Q starts near 0
+    assert not np.any(np.asarray(heads["policy"]["w"]))  # other heads still start at zero
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        which, actions = rng.integers(0, 2, 8), rng.integers(0, 2, 8)
+        state, _ = step(state, transitions(which, actions, actions.astype(float), np.zeros(8)))
+    _, _, ev = values_and_probs(cfg, state, [0, 1])
+    q1, q2 = np.asarray(ev.q["q1"]), np.asarray(ev.q["q2"])
+    assert np.abs(q1 - q2).max() > 1e-6  # the minimum is over two different critics

@@ -241,6 +241,9 @@ def _needs_reference(config: TrainConfig) -> bool:
     )
 
 
+TWIN_CRITIC_INIT_SCALE = 0.01  # SAC's q1 / q2 output layers: N(0, 0.01^2 / fan_in)
+
+
 def init_train_state(
     config: TrainConfig,
     model_config: LlamaConfig,
@@ -272,8 +275,11 @@ def init_train_state(
             trainable["lora"] = init_lora(k_lora, model_config, config.lora)
     d = model_config.hidden_size
     head_keys = jax.random.split(k_heads, max(1, len(config.head_names)))
+    # SAC's twin critics start independent (a min over two equal heads is no pessimism).
+    twins = ("q1", "q2") if config.algorithm == "sac" else ()
+    scale = {name: TWIN_CRITIC_INIT_SCALE for name in twins}
     trainable["heads"] = {
-        name: init_head(k, d, 1, config.head_hidden, normalize=config.head_input_norm)
+        name: init_head(k, d, 1, config.head_hidden, config.head_input_norm, scale.get(name, 0.0))
         for name, k in zip(config.head_names, head_keys, strict=False)
     }
     if config.algorithm == "sac":
