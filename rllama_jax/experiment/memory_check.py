@@ -119,7 +119,7 @@ def example_batch(
     else:
         fields["response_tokens"] = turns(out.response_tokens)
         fields["response_mask"] = turns(out.response_mask)
-    if tcfg.algorithm == "grpo":
+    if rcfg.group_size > 0:  # the rollout's grouped batches carry group ids
         fields["group_ids"] = arr((n,), i32)
     if tcfg.memory.use_episodic:
         width = tcfg.memory.episodic.max_tokens

@@ -276,8 +276,7 @@ def init_train_state(
     d = model_config.hidden_size
     head_keys = jax.random.split(k_heads, max(1, len(config.head_names)))
     # SAC's twin critics start independent (a min over two equal heads is no pessimism).
-    twins = ("q1", "q2") if config.algorithm == "sac" else ()
-    scale = {name: TWIN_CRITIC_INIT_SCALE for name in twins}
+    scale = {name: TWIN_CRITIC_INIT_SCALE for name in ("q1", "q2") if name in config.head_names}
     trainable["heads"] = {
         name: init_head(k, d, 1, config.head_hidden, config.head_input_norm, scale.get(name, 0.0))
         for name, k in zip(config.head_names, head_keys, strict=False)
