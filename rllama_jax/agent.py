@@ -53,7 +53,7 @@ from rllama_jax.train import (
     init_train_state,
     make_train_step,
 )
-from rllama_jax.train.batch import Observation
+from rllama_jax.trajectory import Observation
 
 
 @dataclasses.dataclass

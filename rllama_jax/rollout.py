@@ -35,6 +35,7 @@ import numpy as np
 
 from rllama_jax.feature_cache import FeatureCache
 from rllama_jax.heads import apply_head
+from rllama_jax.losses import masked_log_softmax
 from rllama_jax.memory import (
     MemoryConfig,
     MemoryState,
@@ -57,11 +58,11 @@ from rllama_jax.tokenization import (
     pad_after_prefix,
 )
 from rllama_jax.train import (
-    Batch,
     Observation,
     ScoreFeatures,
     TrainConfig,
     TrainState,
+    Trajectory,
     Transitions,
     evaluate_score,
     prompt_embeddings,
@@ -76,9 +77,11 @@ class RolloutConfig:
     memory (a prompt that does not fit raises); max_actions, candidate_len: fixed A and C
     (score mode); fallback_action / parse_penalty: what an unparseable reply does in
     generate mode (the env gets the fallback, the turn's reward gets the penalty).
-    group_size: G > 0 switches to GRPO layout: every ``collect`` resets all envs, rows
-    ``i // G`` share a seed (so a group starts from the same state), each row plays ONE
-    episode of at most T turns (later turns are invalid), and the batch carries group ids."""
+
+    The row layout comes from the algorithm: with ``Algorithm.whole_episodes`` every
+    ``collect`` resets all envs and each row plays ONE episode of at most T turns (later
+    turns are invalid); with ``Algorithm.group_size`` G > 0 rows ``i // G`` also share a
+    seed (a group starts from the same state) and the trajectory carries group ids."""
 
     num_steps: int = 8
     prompt_len: int = 256
@@ -86,7 +89,6 @@ class RolloutConfig:
     candidate_len: int = 4
     fallback_action: int = 0
     parse_penalty: float = 0.0
-    group_size: int = 0
 
 
 class ActOutput(NamedTuple):
@@ -115,11 +117,14 @@ def act(
     model_config: LlamaConfig,
     config: TrainConfig,
     greedy: bool = False,
+    update: jax.Array | int = 0,
 ) -> ActOutput:
     """One policy step for all envs: memory read and splice, then score or generate.
 
     greedy: take the most likely candidate (score mode) or decode at temperature 0
     (generate mode) instead of sampling; for evaluation.
+    update: train steps taken so far (``TrainState.step``), for exploration schedules
+    (``Algorithm.acting_logits``, e.g. DQN's decaying epsilon).
 
     obs: memory-free observations [B, ...] (prompts [B, L]); insert_at: [B] where memory goes
     in the unpadded prompt. Returns prompts [B, L+R] (text memory), [B, L+M] (latent) or
@@ -156,11 +161,13 @@ def act(
             )
             obs = obs.replace(action_bias=mcfg.episodic.control * values)
         ev = evaluate_score(model, trainable["heads"], obs, model_config, config, adapter)
+        logits = config.algorithm.acting_logits(ev.logits, ev.q, obs.action_mask, update)
+        log_probs = masked_log_softmax(logits, obs.action_mask)
         if greedy:
-            actions = jnp.argmax(ev.log_probs, axis=-1).astype(jnp.int32)
+            actions = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
         else:
-            actions = jax.random.categorical(key, ev.log_probs).astype(jnp.int32)
-        logp = jnp.take_along_axis(ev.log_probs, actions[:, None], axis=-1)[:, 0]
+            actions = jax.random.categorical(key, log_probs).astype(jnp.int32)
+        logp = jnp.take_along_axis(log_probs, actions[:, None], axis=-1)[:, 0]
         keys = ev.prompt_hidden.astype(jnp.float32) if query is None else query
         if config.caches_features:  # frozen LLM: the train step reuses what it said here
             obs = obs.replace(features=ev.features)
@@ -192,8 +199,8 @@ def _frozen_features(
 def transitions_example(
     train_config: TrainConfig, config: RolloutConfig, model_config: LlamaConfig
 ) -> Transitions:
-    """One all-zero ``Transitions`` row with the shapes ``Rollout.collect_transitions``
-    produces (memory region, latent-memory read, frozen-LLM features included): what
+    """One all-zero ``Transitions`` row with the shapes of the replay rows of a
+    ``Rollout.collect`` trajectory (memory region, latent-memory read, frozen-LLM features included): what
     ``init_train_state`` needs to size a DQN/SAC replay buffer."""
     mcfg = train_config.memory
     a, c = config.max_actions, config.candidate_len
@@ -246,6 +253,36 @@ def shared_prefix_length(tokenizer: Any, system_prompt: str) -> int:
     return n
 
 
+class EpisodeStats:
+    """Running statistics of finished episodes, bounded however long the run: how many
+    finished, the sum of their returns, and the last ``window`` returns.
+
+    count: episodes finished; total: sum of all their returns; recent: the last ``window``
+    returns, oldest first.
+    """
+
+    def __init__(self, window: int = 1000) -> None:
+        self.window = window
+        self.count = 0
+        self.total = 0.0
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def add(self, episode_return: float) -> None:
+        self.count += 1
+        self.total += float(episode_return)
+        self.recent.append(float(episode_return))
+
+    def mean(self, last: int | None = None) -> float:
+        """Mean return of the last ``last`` (default: ``window``) episodes; nan before any."""
+        values = list(self.recent)[-last:] if last else list(self.recent)
+        return float(np.mean(values)) if values else float("nan")
+
+    def since(self, count: int) -> list[float]:
+        """Returns of the episodes finished after the first ``count`` (at most ``window``)."""
+        new = self.count - count
+        return list(self.recent)[-new:] if new > 0 else []
+
+
 class ExplorationCheck:
     """Warns once when a generate-mode policy does not explore: over its first ``window``
     replies, ``extract_action`` mapped more than ``threshold`` of them to one action. RL then
@@ -284,6 +321,28 @@ class ExplorationCheck:
         )
         logging.getLogger("rllama_jax").warning(self.message)
         return self.message
+
+
+def _next_observations(
+    obs: Observation, after_last: Observation, final_views: dict[int, ActOutput], ended: np.ndarray
+) -> Observation:
+    """The observation after each turn [N, T]: the next turn's (the view after the last turn
+    for turn T - 1), or the true final observation where an episode ended at that turn."""
+    nxt = jax.tree.map(
+        lambda x, last: np.concatenate([np.asarray(x)[:, 1:], np.asarray(last)[:, None]], 1),
+        obs,
+        after_last,
+    )
+    for step, view in final_views.items():
+        rows = ended[:, step]
+
+        def put(x, v, step=step, rows=rows):
+            x = np.array(x)
+            x[rows, step] = np.asarray(v)[rows]
+            return x
+
+        nxt = jax.tree.map(put, nxt, view.obs)
+    return nxt
 
 
 class Rollout:
@@ -360,7 +419,7 @@ class Rollout:
             self.raw_obs.append(o)
             self.candidates.append(self._candidates(o, info))
         self.episode_returns = np.zeros(len(envs))
-        self.finished_returns: list[float] = []
+        self.episodes = EpisodeStats()
         self.parse_failures = 0
         self.exploration = ExplorationCheck()
 
@@ -418,7 +477,7 @@ class Rollout:
         out = act(
             state.trainable, state.frozen, state.memory,
             obs if cached is None else obs.replace(features=cached),
-            self.insert_at, sub, self.model_config, self.train_config, self.greedy,
+            self.insert_at, sub, self.model_config, self.train_config, self.greedy, state.step,
         )  # fmt: skip
         if self.feature_cache is not None and cached is None:
             self.feature_cache.insert(obs, out.obs.features)
@@ -453,18 +512,20 @@ class Rollout:
         return self._act(state, self.encode(raw_obs, candidates))
 
     # ------------------------------------------------------------------ the loop
-    def collect(self, state: TrainState) -> tuple[TrainState, Batch]:
-        """Runs T steps in every env; returns the state (memory updated) and a [N, T] batch."""
+    def collect(self, state: TrainState) -> tuple[TrainState, Trajectory]:
+        """Runs T steps in every env; returns the state (working memory updated) and a
+        ``Trajectory`` [N, T] (with ``next_obs`` when the algorithm needs it)."""
         n, t = len(self.envs), self.config.num_steps
+        algo = self.train_config.algorithm
         mcfg = self.train_config.memory
         score = self.train_config.action_mode == "score"
-        grouped = self.config.group_size > 0
+        whole = algo.whole_episodes
         active = np.ones(n, bool)
         valid = np.ones((n, t), bool)
-        if grouped:
-            self._reset_groups()
+        if whole:
+            self._reset_all()
         outs: list[ActOutput] = []
-        self._final_views: dict[int, ActOutput] = {}  # step -> view of truncated final obs
+        final_views: dict[int, ActOutput] = {}  # step -> view of the true final observations
         rewards = np.zeros((n, t), np.float32)
         terminated = np.zeros((n, t), bool)
         truncated = np.zeros((n, t), bool)
@@ -492,7 +553,7 @@ class Rollout:
             step_texts = []
             for i, env in enumerate(self.envs):
                 obs_text = self.format_observation(self.raw_obs[i])
-                if not active[i]:  # GRPO row whose episode is over: padding turn
+                if not active[i]:  # whole-episode row whose episode is over: padding turn
                     valid[i, step] = False
                     step_texts.append("")
                     continue
@@ -502,23 +563,29 @@ class Rollout:
                 truncated[i, step] = trunc and not term
                 self.episode_returns[i] += r
                 step_texts.append(self._render_step(env, obs_text, action_texts[i], r))
-                if grouped and not (term or trunc) and step == t - 1:
-                    trunc = True  # the episode outlived the batch: bootstrap it
-                    truncated[i, step] = True
                 if term or trunc:
                     final_obs[i], final_cands[i] = o, self._candidates(o, info)
-                    self.finished_returns.append(float(self.episode_returns[i]))
+                    self.episodes.add(float(self.episode_returns[i]))
                     self.episode_returns[i] = 0.0
-                    if grouped:
+                    if whole:
                         active[i] = False
                     else:
                         o, info = env.reset()
+                elif whole and step == t - 1:
+                    # The episode outlived the trajectory: it is cut here and restarts at
+                    # the next collect (its return so far is what the stats record).
+                    truncated[i, step] = True
+                    final_obs[i], final_cands[i] = o, self._candidates(o, info)
+                    self.episodes.add(float(self.episode_returns[i]))
+                    self.episode_returns[i] = 0.0
                 self.raw_obs[i], self.candidates[i] = o, self._candidates(o, info)
             renders.append(step_texts)
-            if truncated[:, step].any():
-                # Truncation is not termination: bootstrap from V(true final observation).
+            ended_here = truncated[:, step] | (terminated[:, step] & algo.needs_next_obs)
+            if ended_here.any():
+                # Truncation is not termination: bootstrap from V(true final observation);
+                # off-policy rows also keep that observation as their s'.
                 view = self._look(state, final_obs, final_cands)
-                self._final_views[step] = view
+                final_views[step] = view
                 final_values[:, step] = np.where(truncated[:, step], np.asarray(view.values), 0.0)
             if mcfg.use_working:
                 tokens, mask = self._render(step_texts, mcfg.working.max_tokens)
@@ -530,15 +597,15 @@ class Rollout:
                 state = state.replace(memory=memory)
         # The value after the last turn matters only where an episode goes on past it (and
         # off-policy rows need the next observation itself): skip the extra forward pass
-        # when every row ended (one-step episodes; GRPO folds its truncations).
-        ended = grouped or bool(terminated[:, -1].all())
-        self._next_view = None
+        # when every row ended (one-step episodes; whole-episode rows always end).
+        ended = whole or bool(terminated[:, -1].all())
+        next_view = None
         bootstrap = np.zeros(n, np.float32)
-        if self.train_config.off_policy or not ended:
-            self._next_view = self._look(state, self.raw_obs, self.candidates)
-            bootstrap = np.asarray(self._next_view.values)
-        if grouped:
-            bootstrap = np.zeros(n, np.float32)  # every row ended (truncations are folded)
+        if algo.needs_next_obs or not ended:
+            next_view = self._look(state, self.raw_obs, self.candidates)
+            bootstrap = np.asarray(next_view.values)
+        if whole:
+            bootstrap = np.zeros(n, np.float32)  # every row ended (its cut is a truncation)
         stack = lambda *xs: np.stack([np.asarray(x) for x in xs], axis=1)  # noqa: E731
         obs = jax.tree.map(stack, *[o.obs for o in outs])
         fields: dict[str, Any] = {}
@@ -554,7 +621,12 @@ class Rollout:
             fields["memory_tokens"] = stack(*[r[0] for r in rendered])
             fields["memory_mask"] = stack(*[r[1] for r in rendered])
             fields["memory_actions"] = fields["actions"] if score else np.full((n, t), -1, np.int32)
-        batch = Batch(
+        if algo.needs_next_obs:
+            fields["next_obs"] = _next_observations(
+                obs, next_view.obs, final_views, terminated | truncated
+            )
+        g = algo.group_size
+        return state, Trajectory(
             obs=obs,
             rewards=rewards,
             terminated=terminated,
@@ -564,55 +636,21 @@ class Rollout:
             old_values=stack(*[o.values for o in outs]),
             final_values=final_values,
             bootstrap_value=bootstrap,
-            group_ids=np.arange(n, dtype=np.int32) // self.config.group_size if grouped else None,
+            group_ids=np.arange(n, dtype=np.int32) // g if g else None,
             **fields,
         )
-        return state, batch
 
-    def collect_transitions(self, state: TrainState) -> tuple[TrainState, Transitions]:
-        """``collect``, laid out as off-policy (s, a, r, s') rows [N*T] for DQN/SAC.
-
-        s' is the next turn's observation; for a truncated episode, its true final
-        observation; for a terminated one the discount is 0 and s' is unused.
-        """
-        state, batch = self.collect(state)
-        n, t = batch.rewards.shape
-        obs = batch.obs
-        nxt = jax.tree.map(
-            lambda x, last: np.concatenate([x[:, 1:], np.asarray(last)[:, None]], axis=1),
-            obs,
-            self._next_view.obs,
-        )
-        for step, view in self._final_views.items():
-            rows = batch.truncated[:, step]
-
-            def put(x, v, step=step, rows=rows):
-                x = np.array(x)
-                x[rows, step] = np.asarray(v)[rows]
-                return x
-
-            nxt = jax.tree.map(put, nxt, view.obs)
-        flat = lambda x: np.asarray(x).reshape((n * t,) + np.asarray(x).shape[2:])  # noqa: E731
-        discounts = self.train_config.gamma * (1.0 - batch.terminated.astype(np.float32))
-        return state, Transitions(
-            obs=jax.tree.map(flat, obs),
-            actions=flat(batch.actions),
-            rewards=flat(batch.rewards),
-            discounts=flat(discounts),
-            next_obs=jax.tree.map(flat, nxt),
-            valid=flat(batch.valid),
-        )
-
-    def _reset_groups(self) -> None:
-        """Starts a fresh episode in every env; the G rows of a group share a seed."""
-        g = self.config.group_size
+    def _reset_all(self) -> None:
+        """Starts a fresh episode in every env (whole-episode rows); with groups of G rows
+        (``Algorithm.group_size``) the rows of a group share a seed."""
+        g = self.train_config.algorithm.group_size
         n = len(self.envs)
-        if n % g:
+        if g and n % g:
             raise ValueError(f"{n} envs cannot form groups of group_size={g}")
-        base = self._group_round * (n // g) + self._seed
+        base = self._group_round * (n // max(g, 1)) + self._seed
         self._group_round += 1
         for i, env in enumerate(self.envs):
-            o, info = env.reset(seed=base + i // g)
+            o, info = env.reset(seed=base + i // g) if g else env.reset()
             self.raw_obs[i], self.candidates[i] = o, self._candidates(o, info)
         self.episode_returns[:] = 0.0
 

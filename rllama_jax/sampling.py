@@ -175,16 +175,27 @@ def process_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def policy_log_softmax(logits: jax.Array, sampling: SamplingConfig | None = None) -> jax.Array:
+    """Log-probabilities ``[..., V]`` of the policy a reply is learned under: the model's
+    distribution at the sampling temperature, WITHOUT the top-k / top-p filters.
+
+    Acting samples from the filtered distribution (``process_logits``), but the ratio, the
+    KL to a reference and the entropy use this one, as TRL does: a token outside the
+    current or the reference policy's nucleus would otherwise get probability ~0 (a KL of
+    ~1e30, an infinite ratio). Greedy decoding (temperature 0) and ``sampling=None`` use
+    the model's own softmax (temperature 1).
+    """
+    logits = logits.astype(jnp.float32)
+    if sampling is not None and not sampling.greedy:
+        logits = logits / sampling.temperature
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
 def token_logprobs(
     logits: jax.Array, targets: jax.Array, sampling: SamplingConfig | None = None
 ) -> jax.Array:
-    """Log-prob ``[...]`` of ``targets [...]`` under ``logits [..., V]`` (processed by
-    ``sampling`` when given, else the plain softmax)."""
-    logp = (
-        jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        if sampling is None
-        else process_logits(logits, sampling)
-    )
+    """Log-prob ``[...]`` of ``targets [...]`` under ``policy_log_softmax(logits [..., V])``."""
+    logp = policy_log_softmax(logits, sampling)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
@@ -325,13 +336,13 @@ class Generation(NamedTuple):
 def _sample(
     key: jax.Array, logits: jax.Array, sampling: SamplingConfig
 ) -> tuple[jax.Array, jax.Array]:
-    """Draws one token per row from logits [B, V]: (token [B] int32, its log-prob [B])."""
-    logp = process_logits(logits, sampling)
+    """Draws one token per row from logits [B, V] (filtered by top-k / top-p): (token [B]
+    int32, its log-prob [B] under the unfiltered policy, ``policy_log_softmax``)."""
     if sampling.greedy:
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        token = sample_categorical(key, logp)
-    return token, jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+        token = sample_categorical(key, process_logits(logits, sampling))
+    return token, token_logprobs(logits, token, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"))
@@ -426,7 +437,7 @@ def generate(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "remat"))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "remat", "with_entropy"))
 def sequence_logprobs(
     params: Params,
     config: LlamaConfig,
@@ -437,15 +448,18 @@ def sequence_logprobs(
     sampling: SamplingConfig | None = None,
     prompt_embeds: jax.Array | None = None,
     remat: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    with_entropy: bool = False,
+) -> tuple[jax.Array, ...]:
     """Recomputes response log-probs with one full forward pass (what a loss differentiates).
 
     prompt_*: [B, L] left-padded; response_*: [B, N]; prompt_embeds: optional [B, L, D]
     input embeddings of the prompt; remat: rematerialise layers when differentiated
     (``models.llama.forward``). The LM head runs at the N positions that predict the reply
-    only, never over the prompt. Returns (logprobs [B, N] under the ``sampling``
-    distribution, zero where ``response_mask`` is False; last prompt hidden state [B, D]).
-    Jitted (config and sampling static); inside another jit it is inlined.
+    only, never over the prompt. Returns (logprobs [B, N] under the policy of ``sampling``
+    (``policy_log_softmax``: temperature-scaled, not top-p filtered), zero where
+    ``response_mask`` is False; last prompt hidden state [B, D]), and with ``with_entropy``
+    a third entry: the entropy [B, N] of that distribution at each reply position (zero
+    where masked). Jitted (config and sampling static); inside another jit it is inlined.
     """
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
@@ -462,8 +476,13 @@ def sequence_logprobs(
     length = prompt_tokens.shape[1]
     # Hidden state at position t predicts token t + 1.
     hidden = out.hidden[:, length - 1 : -1]
-    logp = token_logprobs(lm_head(params, hidden, config), response_tokens, sampling)
-    return jnp.where(response_mask, logp, 0.0), out.hidden[:, length - 1]
+    all_logp = policy_log_softmax(lm_head(params, hidden, config), sampling)
+    logp = jnp.take_along_axis(all_logp, response_tokens[..., None], axis=-1)[..., 0]
+    logp = jnp.where(response_mask, logp, 0.0)
+    if not with_entropy:
+        return logp, out.hidden[:, length - 1]
+    entropy = -jnp.sum(jnp.exp(all_logp) * all_logp, axis=-1)
+    return logp, out.hidden[:, length - 1], jnp.where(response_mask, entropy, 0.0)
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -93,7 +93,7 @@ def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
     from rllama_jax.rollout import shared_prefix_length
     from rllama_jax.tokenization import left_pad, pad_after_prefix
     from rllama_jax.train import evaluate_score, init_train_state
-    from rllama_jax.train.batch import Observation
+    from rllama_jax.trajectory import Observation
 
     env = gym.make("rllama/Blackjack-v0")
     p = shared_prefix_length(tok, env.unwrapped.system_prompt)

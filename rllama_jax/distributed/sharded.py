@@ -12,7 +12,6 @@ inserts the collectives. Nothing here is specific to one device kind or to one h
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -186,10 +185,9 @@ def make_sharded_train_step(
     model_config: LlamaConfig,
     mesh: Mesh,
     *,
-    loss_fn: Callable[[Any], tuple[jax.Array, dict[str, jax.Array]]] | None = None,
     precision: str = "fp32",
 ) -> ShardedFunction:
-    """``train_step(state, batch) -> (state, metrics)`` over ``mesh``: the project's train
+    """``train_step(state, trajectory) -> (state, metrics)`` over ``mesh``: the project's train
     step (``make_train_step(..., jit=False)``) jitted with the state's and the batch's
     shardings in and out (metrics replicated) and the state donated.
 
@@ -198,14 +196,14 @@ def make_sharded_train_step(
     """
     check_precision(precision)
     model_config = compute_config(model_config, precision)
-    hooks = {}
-    if "shard_minibatch" in inspect.signature(make_train_step).parameters:
-        # Keeps each gathered minibatch split over the batch axes; without it XLA replicates
-        # the gathered rows and every data-parallel device computes the whole minibatch.
-        hooks["shard_minibatch"] = lambda tree: jax.lax.with_sharding_constraint(
+    # Keeps each gathered minibatch split over the batch axes; without it XLA replicates
+    # the gathered rows and every data-parallel device computes the whole minibatch.
+    step = make_train_step(
+        config, model_config, jit=False,
+        shard_minibatch=lambda tree: jax.lax.with_sharding_constraint(
             tree, batch_shardings(tree, mesh)
-        )
-    step = make_train_step(config, model_config, loss_fn, jit=False, **hooks)
+        ),
+    )  # fmt: skip
     head_dim = model_config.head_dim
     replicated = NamedSharding(mesh, P())
 

@@ -80,7 +80,6 @@ PRESETS: dict[str, Preset] = {
             num_envs=4,
             steps_per_update=2,
             total_steps=16,
-            epochs=1,
             minibatches=2,
             eval_every=0,
             eval_episodes=8,
@@ -89,8 +88,8 @@ PRESETS: dict[str, Preset] = {
         ),  # fmt: skip
         envs={"blackjack": {}},
         settings={
-            "ppo": dict(algo="ppo"),
-            "ppo+working": dict(algo="ppo", memory="working"),
+            "ppo": dict(algo="ppo", epochs=1),
+            "ppo+working": dict(algo="ppo", memory="working", epochs=1),
             "dqn": dict(algo="dqn", trainable="heads", replay_batch=8, replay_capacity=64),
         },
         seeds=(0,),

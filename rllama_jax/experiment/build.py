@@ -11,16 +11,9 @@ from typing import Any
 import gymnasium as gym
 
 import rllama_jax.envs  # noqa: F401  (registers the rllama/ environments)
+from rllama_jax.algos import make_algorithm
 from rllama_jax.experiment.config import ExperimentConfig
 from rllama_jax.feature_cache import FeatureCache
-from rllama_jax.losses import (
-    A2CConfig,
-    DQNConfig,
-    GRPOConfig,
-    PPOConfig,
-    ReinforceConfig,
-    SACConfig,
-)
 from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
 from rllama_jax.memory.latent import LatentConfig
 from rllama_jax.memory.prompt import EPISODIC_HEADER, WORKING_HEADER
@@ -75,7 +68,7 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         stop_token_ids=(eos,) if isinstance(eos, int) else (),
     )
     tcfg = TrainConfig(
-        algorithm=cfg.algo,
+        algorithm=make_algorithm(cfg.algo, **cfg.algorithm_options()),
         action_mode=cfg.action_mode,
         trainable=cfg.trainable,
         lora=LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
@@ -85,35 +78,13 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
         policy_temperature=cfg.policy_temperature,
         max_grad_norm=cfg.max_grad_norm,
         gamma=cfg.gamma,
-        gae_lambda=cfg.gae_lambda,
-        n_step=cfg.n_step,
-        epochs=cfg.epochs,
         minibatches=cfg.minibatches,
         sampling=sampling,
-        ppo=PPOConfig(
-            clip_eps=cfg.clip_eps, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-            kl_coef=cfg.kl_coef, normalize_advantages=cfg.normalize_advantages,
-        ),
-        a2c=A2CConfig(
-            vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-            normalize_advantages=cfg.normalize_advantages,
-        ),
-        reinforce=ReinforceConfig(
-            vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
-            normalize_returns=cfg.normalize_advantages,
-        ),
-        grpo=GRPOConfig(clip_eps=cfg.clip_eps, beta=cfg.kl_coef),
-        dqn=DQNConfig(epsilon=cfg.dqn_epsilon),
-        sac=SACConfig(),
-        tau=cfg.tau,
-        replay_capacity=cfg.replay_capacity,
-        replay_batch=cfg.replay_batch,
-        updates_per_step=cfg.updates_per_step,
         memory=memory_config(cfg, model_config, tokenizer),
         prefix_len=prefix_len(cfg, tokenizer),
         remat=cfg.remat,
         microbatch_rows=cfg.microbatch_rows,
-    )  # fmt: skip
+    )
     if cfg.head_norm and tcfg.caches_features:
         tcfg = dataclasses.replace(tcfg, head_input_norm=True)
     return tcfg
@@ -149,13 +120,15 @@ def feature_cache(
 
 
 def rollout_config(cfg: ExperimentConfig, *, num_steps: int | None = None) -> RolloutConfig:
-    """Prompt width, candidate layout and (GRPO) group size of the environment loop."""
+    """Prompt width, candidate layout and parse-failure handling of the environment loop
+    (its row layout comes from the algorithm)."""
     return RolloutConfig(
         num_steps=num_steps or cfg.steps_per_update,
         prompt_len=cfg.effective_prompt_len,
         max_actions=cfg.effective_max_actions,
         candidate_len=cfg.effective_candidate_len,
-        group_size=cfg.group_size if cfg.algo == "grpo" else 0,
+        fallback_action=cfg.fallback_action,
+        parse_penalty=cfg.parse_penalty,
     )
 
 

@@ -46,7 +46,7 @@ from rllama_jax.train import TrainState
 
 # Host-side attributes of ``Rollout`` that carry the loop's position between collects.
 _ROLLOUT_FIELDS = (
-    "raw_obs", "candidates", "episode_returns", "finished_returns", "parse_failures",
+    "raw_obs", "candidates", "episode_returns", "episodes", "parse_failures",
     "_group_round", "insert_at",
 )  # fmt: skip
 

@@ -14,8 +14,9 @@ import os
 import re
 from typing import Any
 
+from rllama_jax.algos import ALGORITHMS, REGISTRY, algorithm_class, option_names
 from rllama_jax.envs.blackjack import blackjack_extract_action
-from rllama_jax.train.state import ACTION_MODES, ALGORITHMS, OFF_POLICY, TRAINABLE
+from rllama_jax.train.state import ACTION_MODES, TRAINABLE
 
 MEMORY_SETTINGS = ("none", "working", "episodic", "both")
 MEMORY_MODES = ("text", "latent")
@@ -154,8 +155,8 @@ class ExperimentConfig:
     )
     max_grad_norm: float = _field(1.0, "Global gradient-norm clip.")
     gamma: float = _field(1.0, "Discount.")
-    gae_lambda: float = _field(0.95, "GAE lambda (PPO, A2C).")
-    n_step: int = _field(5, "Bootstrapping horizon of A2C returns.")
+    gae_lambda: float = _field(0.95, "GAE lambda (PPO).")
+    n_step: int = _field(5, "Bootstrapping horizon of A2C returns and DQN targets.")
     epochs: int = _field(2, "Passes over each batch (PPO, GRPO).")
     minibatches: int = _field(2, "Minibatches per pass; must divide num_envs x steps_per_update.")
     microbatch_rows: int = _field(
@@ -173,19 +174,40 @@ class ExperimentConfig:
         "or latent memory); acting never rematerialises.",
     )
     clip_eps: float = _field(0.2, "PPO/GRPO ratio clip.")
-    ent_coef: float = _field(0.03, "Entropy bonus (PPO, A2C, REINFORCE).")
+    ent_coef: float = _field(
+        0.03,
+        "Entropy bonus (PPO, A2C, REINFORCE); generate mode: the token-level entropy of the "
+        "untruncated distribution.",
+    )
     normalize_advantages: bool = _field(
         False,
         "Standardise advantages over each batch (PPO, A2C; REINFORCE: its baselined returns).",
     )
-    vf_coef: float = _field(0.5, "Value loss weight.")
-    kl_coef: float = _field(0.0, "KL penalty to the reference model (PPO kl_coef, GRPO beta).")
+    vf_coef: float = _field(0.5, "Value loss weight (PPO, A2C, REINFORCE with a value baseline).")
+    kl_coef: float = _field(
+        0.0,
+        "KL penalty to the reference model (PPO; GRPO's beta): exact over the candidates in "
+        "score mode, the k3 estimate per reply token in generate mode.",
+    )
+    baseline: str = _field("mean", "REINFORCE's baseline.", tuple(("mean", "value", "none")))
     group_size: int = _field(8, "GRPO: environments per seed group.")
     replay_capacity: int = _field(4096, "Replay buffer size (DQN, SAC).")
     replay_batch: int = _field(64, "Replay minibatch (DQN, SAC).")
     updates_per_step: int = _field(2, "Gradient steps per collected batch (DQN, SAC).")
-    dqn_epsilon: float = _field(0.1, "DQN: exploration of its epsilon-greedy acting policy.")
+    epsilon_start: float = _field(0.3, "DQN: epsilon-greedy exploration at the first update.")
+    epsilon_end: float = _field(0.05, "DQN: exploration after --epsilon_decay updates.")
+    epsilon_decay: int = _field(
+        100, "DQN: updates over which epsilon decays linearly from start to end."
+    )
     tau: float = _field(0.05, "Polyak rate of target networks (DQN, SAC).")
+    parse_penalty: float = _field(
+        -0.5,
+        "Generate mode: reward added to a turn whose reply did not parse into an action "
+        "(the env then takes --fallback_action).",
+    )
+    fallback_action: int = _field(
+        0, "Generate mode: the env action taken when a reply does not parse."
+    )
     # Generation (generate mode).
     max_new_tokens: int = _field(8, "Reply length cap.")
     temperature: float = _field(0.9, "Sampling temperature.")
@@ -218,6 +240,12 @@ class ExperimentConfig:
     def effective_candidate_len(self) -> int:
         return self.candidate_len or self.preset.candidate_len
 
+    def algorithm_options(self) -> dict[str, Any]:
+        """The flags that are hyperparameters of ``--algo`` (``algos.option_names``)."""
+        return {
+            name: getattr(self, name) for name in option_names(self.algo) if hasattr(self, name)
+        }
+
     @property
     def steps_per_batch(self) -> int:
         return self.num_envs * self.steps_per_update
@@ -236,11 +264,18 @@ class ExperimentConfig:
             choices = _choices(name)
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {choices}")
-        if self.algo in OFF_POLICY and self.action_mode != "score":
+        algo = algorithm_class(self.algo)
+        if self.action_mode not in algo.modes:
             raise ValueError(
                 f"--algo={self.algo} needs --action_mode=score: its Q-values are over "
                 "candidate actions, a generated reply has none"
             )
+        for name in sorted(_ALGORITHM_FLAGS - option_names(self.algo)):
+            if getattr(self, name) != _default(name):
+                raise ValueError(
+                    f"--{name}={getattr(self, name)} does not apply to --algo={self.algo} "
+                    f"(its options: {', '.join(sorted(_ALGORITHM_FLAGS & option_names(self.algo)))})"
+                )
         if self.trainable == "heads" and self.action_mode == "generate":
             raise ValueError(
                 "--trainable=heads with --action_mode=generate would leave the policy frozen "
@@ -253,7 +288,7 @@ class ExperimentConfig:
             raise ValueError(f"--episodic_control must be >= 0, got {self.episodic_control}")
         if self.episodic_control and (
             self.memory not in ("episodic", "both") or self.action_mode != "score"
-            or self.algo == "dqn"
+            or not algo.uses_policy_head
         ):  # fmt: skip
             raise ValueError(
                 "--episodic_control needs --memory=episodic or both, --action_mode=score and "
@@ -266,11 +301,12 @@ class ExperimentConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.head_hidden < 0 or self.feature_cache < 0:
             raise ValueError("--head_hidden and --feature_cache must be >= 0")
-        if not 0.0 <= self.dqn_epsilon <= 1.0:
-            raise ValueError(f"--dqn_epsilon must be in [0, 1], got {self.dqn_epsilon}")
+        for name in ("epsilon_start", "epsilon_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.policy_temperature > 0:
             raise ValueError(f"--policy_temperature must be > 0, got {self.policy_temperature}")
-        if self.algo not in OFF_POLICY and self.steps_per_batch % self.minibatches:
+        if not algo.off_policy and self.steps_per_batch % self.minibatches:
             raise ValueError(
                 f"a batch of --num_envs x --steps_per_update = {self.steps_per_batch} turns is "
                 f"not divisible by --minibatches={self.minibatches}"
@@ -279,7 +315,7 @@ class ExperimentConfig:
             raise ValueError(f"--microbatch_rows must be >= 0, got {self.microbatch_rows}")
         rows = self.steps_per_batch // self.minibatches
         if (
-            self.algo not in OFF_POLICY
+            not algo.off_policy
             and 0 < self.microbatch_rows < rows
             and (rows % self.microbatch_rows)
         ):
@@ -287,15 +323,14 @@ class ExperimentConfig:
                 f"--microbatch_rows={self.microbatch_rows} does not divide the {rows} rows of a "
                 "minibatch (--num_envs x --steps_per_update / --minibatches)"
             )
-        if self.algo == "grpo" and (self.group_size < 2 or self.num_envs % self.group_size):
+        try:  # the algorithm's own checks (ranges, group sizes, replay sizes)
+            built = algo(**self.algorithm_options())
+        except ValueError as err:
+            raise ValueError(f"--algo={self.algo}: {err}") from None
+        if built.group_size and self.num_envs % built.group_size:
             raise ValueError(
-                f"--algo=grpo needs --group_size >= 2 dividing --num_envs={self.num_envs}, "
-                f"got {self.group_size}"
-            )
-        if self.algo in OFF_POLICY and self.replay_batch > self.replay_capacity:
-            raise ValueError(
-                f"--replay_batch={self.replay_batch} exceeds --replay_capacity="
-                f"{self.replay_capacity}"
+                f"--algo={self.algo} needs --group_size dividing --num_envs={self.num_envs}, "
+                f"got {built.group_size}"
             )
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"--gamma must be in (0, 1], got {self.gamma}")
@@ -343,6 +378,20 @@ def incompatible_changes(saved: ExperimentConfig, new: ExperimentConfig) -> list
         for f in dataclasses.fields(ExperimentConfig)
         if f.name not in RESUMABLE_CHANGES and getattr(saved, f.name) != getattr(new, f.name)
     ]
+
+
+def _default(name: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(ExperimentConfig)}[name]
+
+
+# Flags that are some algorithm's hyperparameter: one set to a non-default value for an
+# algorithm without it is refused (it would silently do nothing).
+_ALGORITHM_FLAGS = frozenset(
+    name
+    for cls in REGISTRY.values()
+    for name in (f.name for f in dataclasses.fields(cls))
+    if name in {f.name for f in dataclasses.fields(ExperimentConfig)}
+)
 
 
 def _choices(name: str) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from rllama_jax.experiment.build import rollout_config
 from rllama_jax.experiment.config import ExperimentConfig
 from rllama_jax.models import LlamaConfig
 from rllama_jax.rollout import act
-from rllama_jax.train import Batch, Observation, TrainConfig, Transitions
+from rllama_jax.train import Observation, TrainConfig, Trajectory
 
 GIB = 1024**3
 # Refuse when the step needs more than this share of the available memory: the rest is for
@@ -74,10 +74,10 @@ def available_memory() -> int | None:
 
 def example_batch(
     cfg: ExperimentConfig, tcfg: TrainConfig, model_config: LlamaConfig, state: Any
-) -> Batch | Transitions:
+) -> Trajectory:
     """Abstract arrays (``jax.ShapeDtypeStruct``) with the structure, shapes and dtypes of
-    the batches ``Rollout.collect`` (on-policy, ``[N, T]``) or ``Rollout.collect_transitions``
-    (off-policy, ``[N*T]``) hands the train step in this run. The observation is what the
+    the trajectories ``Rollout.collect`` hands the train step in this run (``[N, T]``,
+    ``next_obs`` included for off-policy algorithms). The observation is what the
     acting call returns for the rollout's encoded prompts (memory spliced in, frozen-LLM
     features attached), traced abstractly with ``jax.eval_shape``: nothing runs."""
     rcfg = rollout_config(cfg)
@@ -106,28 +106,23 @@ def example_batch(
     def turns(x: Any) -> jax.ShapeDtypeStruct:  # [n, ...] per step -> [n, t, ...]
         return arr((n, t) + tuple(x.shape[1:]), x.dtype)
 
-    if tcfg.off_policy:
-        obs = jax.tree.map(lambda x: arr((n * t,) + tuple(x.shape[1:]), x.dtype), out.obs)
-        m = (n * t,)
-        return Transitions(
-            obs=obs, actions=arr(m, out.actions.dtype), rewards=arr(m, f32),
-            discounts=arr(m, f32), next_obs=obs, valid=arr(m, bool),
-        )  # fmt: skip
     fields: dict[str, Any] = {}
     if score:
         fields["actions"] = turns(out.actions)
     else:
         fields["response_tokens"] = turns(out.response_tokens)
         fields["response_mask"] = turns(out.response_mask)
-    if rcfg.group_size > 0:  # the rollout's grouped batches carry group ids
+    if tcfg.algorithm.group_size > 0:  # the rollout's grouped rows carry group ids
         fields["group_ids"] = arr((n,), i32)
+    if tcfg.algorithm.needs_next_obs:
+        fields["next_obs"] = jax.tree.map(turns, out.obs)
     if tcfg.memory.use_episodic:
         width = tcfg.memory.episodic.max_tokens
         fields["memory_keys"] = turns(out.keys)
         fields["memory_tokens"] = arr((n, t, width), i32)
         fields["memory_mask"] = arr((n, t, width), i32)
         fields["memory_actions"] = arr((n, t), i32)
-    return Batch(
+    return Trajectory(
         obs=jax.tree.map(turns, out.obs), rewards=arr((n, t), f32),
         terminated=arr((n, t), bool), truncated=arr((n, t), bool), valid=arr((n, t), bool),
         old_logp=turns(out.logp), old_values=turns(out.values),
@@ -149,7 +144,7 @@ def estimate_train_memory(train_step: Any, state: Any, batch: Any) -> MemoryEsti
 def _forward_rows(cfg: ExperimentConfig, tcfg: TrainConfig) -> tuple[int, int]:
     """(rows per minibatch, rows per forward/backward pass) of the run's train step."""
     if tcfg.off_policy:
-        return tcfg.replay_batch, tcfg.replay_batch
+        return tcfg.algorithm.replay_batch, tcfg.algorithm.replay_batch
     rows = cfg.steps_per_batch // tcfg.minibatches
     micro = tcfg.microbatch_rows
     return rows, micro if 0 < micro < rows else rows
@@ -173,7 +168,7 @@ def advice(
     )
     remat = "turn --remat on, " if trains_llm and not tcfg.remat else ""
     if tcfg.off_policy:
-        return f"{need}: {remat}lower --replay_batch={tcfg.replay_batch}"
+        return f"{need}: {remat}lower --replay_batch={tcfg.algorithm.replay_batch}"
     # Temporaries grow about linearly with the rows of one pass: suggest the largest
     # divisor of the minibatch that would fit.
     budget = DEFAULT_MARGIN * available - estimate.output - estimate.batch

@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -44,9 +43,10 @@ from rllama_jax.experiment.config import ExperimentConfig, incompatible_changes
 from rllama_jax.experiment.evaluation import EvalResult, evaluate
 from rllama_jax.experiment.memory_check import TrainMemoryError, check_train_memory
 from rllama_jax.experiment.metrics import MetricsWriter, plot_learning_curve
+from rllama_jax.loop import LoopRecord, train_loop
 from rllama_jax.models import CheckpointError
 from rllama_jax.rollout import Rollout, transitions_example
-from rllama_jax.train import calibrate_heads, init_train_state, make_train_step
+from rllama_jax.train import init_train_state, make_train_step
 
 RECENT_EPISODES = 100
 
@@ -144,7 +144,7 @@ def run_experiment(
         extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
         feature_cache=features,
     )  # fmt: skip
-    example = transitions_example(tcfg, rcfg, model_config) if tcfg.off_policy else None
+    example = transitions_example(tcfg, rcfg, model_config)  # sizes a replay buffer if any
     state = init_train_state(
         tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
         replay_example=example,
@@ -184,50 +184,54 @@ def run_experiment(
     total = cfg.num_updates
     bar = tqdm(total=total * cfg.steps_per_batch, initial=env_steps, unit="step",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
-    compile_seconds = 0.0
-    last_eval: EvalResult | None = None
-    for update in range(start, total):
-        t0 = time.perf_counter()
-        collect = rollout.collect_transitions if tcfg.off_policy else rollout.collect
-        state, batch = collect(state)
-        if update == 0 and tcfg.head_input_norm:  # statistics of the first batch, then fixed
-            state = calibrate_heads(state, batch.obs, batch.valid)
-        t1 = time.perf_counter()
-        if sigkill_at_update and update + 1 == sigkill_at_update:
+    progress_state: dict[str, Any] = {"compile_seconds": 0.0, "last_eval": None}
+
+    def kill_before_train(update: int) -> None:
+        if sigkill_at_update and update == sigkill_at_update:
             checkpointer.manager.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
-        state, metrics = train_step(state, jax.tree.map(jnp.asarray, batch))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        t2 = time.perf_counter()
-        if update == start:
-            compile_seconds = t2 - t0
-        elapsed += t2 - t0
+
+    def on_update(rec: LoopRecord, new_state: Any) -> None:
+        nonlocal env_steps, elapsed, state
+        state = new_state
+        seconds = rec.collect_seconds + rec.train_seconds
+        if rec.update == start + 1:
+            progress_state["compile_seconds"] = seconds
+        elapsed += seconds
         env_steps += cfg.steps_per_batch
-        recent = rollout.finished_returns[-RECENT_EPISODES:]
+        stats = rollout.episodes
         record: dict[str, Any] = {
-            "update": update + 1,
+            "update": rec.update,
             "env_steps": env_steps,
-            "episodes": len(rollout.finished_returns),
-            "train_return": float(np.mean(recent)) if recent else None,
+            "episodes": stats.count,
+            "train_return": stats.mean(RECENT_EPISODES) if stats.count else None,
             "parse_failures": rollout.parse_failures,
-            "collect_seconds": t1 - t0,
-            "train_seconds": t2 - t1,
-            "steps_per_second": cfg.steps_per_batch / (t2 - t0),
-            **metrics,
+            "collect_seconds": rec.collect_seconds,
+            "train_seconds": rec.train_seconds,
+            "steps_per_second": cfg.steps_per_batch / seconds,
+            **rec.metrics,
         }
-        done = update + 1 == total
-        if done or (cfg.eval_every and (update + 1) % cfg.eval_every == 0):
-            last_eval = run_eval()
-            record["eval_return"], record["eval_return_se"] = last_eval.mean, last_eval.se
+        done = rec.update == total
+        if done or (cfg.eval_every and rec.update % cfg.eval_every == 0):
+            progress_state["last_eval"] = result = run_eval()
+            record["eval_return"], record["eval_return_se"] = result.mean, result.se
         writer.write(record)
-        if done or (cfg.checkpoint_every and (update + 1) % cfg.checkpoint_every == 0):
-            checkpointer.save(update + 1, state, host_snapshot(update + 1))
+        if done or (cfg.checkpoint_every and rec.update % cfg.checkpoint_every == 0):
+            checkpointer.save(rec.update, state, host_snapshot(rec.update))
         bar.update(cfg.steps_per_batch)
+        last_eval = progress_state["last_eval"]
         bar.set_postfix(
-            ret=f"{record['train_return']:+.3f}" if recent else "-",
+            ret=f"{record['train_return']:+.3f}" if stats.count else "-",
             eval=f"{last_eval.mean:+.3f}" if last_eval else "-",
             sps=f"{record['steps_per_second']:.1f}",
         )  # fmt: skip
+
+    state = train_loop(
+        rollout, state, train_step, total, start=start, on_update=on_update,
+        before_train=kill_before_train,
+    )  # fmt: skip
+    compile_seconds = progress_state["compile_seconds"]
+    last_eval = progress_state["last_eval"]
     bar.close()
     if last_eval is None:  # resumed a finished run: evaluate what it holds
         last_eval = run_eval()
@@ -235,11 +239,9 @@ def run_experiment(
     writer.close()
     if features is not None:  # lets experiments/evaluate.py start with what the run saw
         features.save(os.path.join(cfg.workdir, FEATURE_CACHE_FILE))
-    recent = rollout.finished_returns[-RECENT_EPISODES:]
     result = RunResult(
         workdir=cfg.workdir, updates=total, env_steps=env_steps,
-        episodes=len(rollout.finished_returns),
-        train_return=float(np.mean(recent)) if recent else float("nan"),
+        episodes=rollout.episodes.count, train_return=rollout.episodes.mean(RECENT_EPISODES),
         eval_return=last_eval.mean, eval_return_se=last_eval.se, seconds=elapsed,
         compile_seconds=compile_seconds,
     )  # fmt: skip
@@ -261,9 +263,7 @@ def load_run(workdir: str, step: int | None = None):
     cfg = ExperimentConfig.load(workdir).replace(workdir=workdir)
     model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
     tcfg = train_config(cfg, model_config, tokenizer)
-    example = (
-        transitions_example(tcfg, rollout_config(cfg), model_config) if tcfg.off_policy else None
-    )
+    example = transitions_example(tcfg, rollout_config(cfg), model_config)
     state = init_train_state(
         tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
         replay_example=example,

@@ -105,6 +105,7 @@ def grpo_loss(
     old_logp: Array | None = None,
     ref_logp: Array | None = None,
     config: GRPOConfig | None = None,
+    kl: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """GRPO loss: per-token `-min(r A, clip(r) A) + beta * KL_k3`, aggregated.
 
@@ -116,6 +117,8 @@ def grpo_loss(
         (`old_logp = stop_grad(logp)`, ratio 1, gradient = plain policy gradient).
       ref_logp: `[B, T]` log pi_ref; `None` drops the KL term.
       config: `GRPOConfig`; `None` for the defaults.
+      kl: `[B, T]` per-position KL(pi || pi_ref) known exactly, used instead of the
+        estimator on `ref_logp`.
 
     Returns:
       `(loss, metrics)`; metrics: loss, policy_loss, kl_ref, approx_kl, clip_fraction,
@@ -130,7 +133,9 @@ def grpo_loss(
     )
     ratio = jnp.exp(logp - jax.lax.stop_gradient(old_logp))
     per_token_pg = clipped_surrogate_per_token(ratio, advantages, config.clip_eps)
-    if ref_logp is None:
+    if kl is not None:
+        per_token_kl = kl
+    elif ref_logp is None:
         per_token_kl = jnp.zeros_like(logp)
     else:
         per_token_kl = kl_estimate(logp, jax.lax.stop_gradient(ref_logp), config.kl_estimator)

@@ -147,6 +147,7 @@ def ppo_loss(
     entropy: Array | None = None,
     ref_logp: Array | None = None,
     config: PPOConfig | None = None,
+    kl: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Full PPO loss and metrics.
 
@@ -162,6 +163,8 @@ def ppo_loss(
       entropy: `[B, T]` per-position entropy, or `None` (no bonus).
       ref_logp: `[B, T]` log pi_ref of the same tokens, or `None` (no KL penalty).
       config: `PPOConfig`; `None` for the defaults.
+      kl: `[B, T]` per-position KL(pi || pi_ref) known exactly (e.g. over a small set of
+        candidate actions), used instead of estimating it from `ref_logp`.
 
     Returns:
       `(loss, metrics)`; metrics: loss, policy_loss, value_loss, entropy, approx_kl,
@@ -182,7 +185,9 @@ def ppo_loss(
             raise ValueError("values given without returns")
         vl = clipped_value_loss(values, returns, old_values, value_mask, config.value_clip_eps)
     ent = zero if entropy is None else masked_mean(entropy, mask, config.aggregation)
-    if ref_logp is None:
+    if kl is not None:
+        kl = masked_mean(kl, mask, config.aggregation)
+    elif ref_logp is None:
         kl = zero
     else:
         ref_logp = jax.lax.stop_gradient(ref_logp)

@@ -1,7 +1,15 @@
-"""Training: the state pytree, rollout batch layouts, policy evaluation and the one jitted
-``train_step`` per algorithm."""
+"""Training: the state pytree, policy evaluation and the one jitted ``train_step`` (for any
+algorithm of ``rllama_jax.algos``)."""
 
-from rllama_jax.train.batch import Batch, Observation, ScoreFeatures, Transitions
+from rllama_jax.algos import ALGORITHMS, LossInputs
+from rllama_jax.trajectory import (
+    Batch,
+    Observation,
+    ScoreFeatures,
+    Trajectory,
+    Transitions,
+    n_step_transitions,
+)
 from rllama_jax.train.policy import (
     evaluate_generate,
     evaluate_score,
@@ -10,7 +18,6 @@ from rllama_jax.train.policy import (
 )
 from rllama_jax.train.replay import ReplayBuffer, init_replay
 from rllama_jax.train.state import (
-    ALGORITHMS,
     TrainConfig,
     TrainState,
     calibrate_heads,
@@ -19,20 +26,22 @@ from rllama_jax.train.state import (
     policy_params,
     reference_params,
 )
-from rllama_jax.train.step import LossInputs, default_loss_fn, make_train_step, remember_batch
+from rllama_jax.train.step import Minibatch, make_train_step, remember_batch
 
 __all__ = [
     "ALGORITHMS",
     "Batch",
     "LossInputs",
+    "Minibatch",
     "Observation",
     "ReplayBuffer",
     "ScoreFeatures",
     "TrainConfig",
     "TrainState",
+    "Trajectory",
     "Transitions",
+    "n_step_transitions",
     "calibrate_heads",
-    "default_loss_fn",
     "evaluate_generate",
     "evaluate_score",
     "init_replay",

@@ -17,17 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from rllama_jax.heads import apply_head
-from rllama_jax.losses import (
-    categorical_entropy,
-    epsilon_greedy_logits,
-    masked_log_softmax,
-    masked_logits,
-)
+from rllama_jax.losses import categorical_entropy, masked_log_softmax, masked_logits
 from rllama_jax.memory import latent
 from rllama_jax.models import LlamaConfig, Params, embed
 from rllama_jax.sampling import build_prefix, score_candidates, sequence_logprobs
-from rllama_jax.train.batch import Observation, ScoreFeatures
 from rllama_jax.train.state import TrainConfig
+from rllama_jax.trajectory import Observation, ScoreFeatures
 
 
 class ScoreEval(NamedTuple):
@@ -80,7 +75,10 @@ def evaluate_score(
     *,
     remat: bool = False,
 ) -> ScoreEval:
-    """Score-mode policy over candidate actions for observations [M, ...].
+    """Score-mode policy over candidate actions for observations [M, ...]: the candidates'
+    scores / ``policy_temperature``, plus the policy head and episodic control's bias when
+    present (how an algorithm acts on it, e.g. DQN's epsilon-greedy over its Q head, is
+    ``Algorithm.acting_logits``, applied by ``rollout.act``).
 
     adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots.
     remat: rematerialise the LLM's layers when differentiated (the train step's loss passes
@@ -95,15 +93,12 @@ def evaluate_score(
         for name in ("q", "q1", "q2")
         if name in heads
     }
-    if config.algorithm == "dqn":  # DQN acts on its Q-values: epsilon-greedy
-        logits = epsilon_greedy_logits(q["q"], obs.action_mask, config.dqn.epsilon)
-    else:
-        logits = s.scores / config.policy_temperature
-        if "policy" in heads:
-            logits = logits + apply_head(heads["policy"], s.candidate_hidden)[..., 0]
-        if obs.action_bias is not None:  # episodic control, fixed when the step was acted
-            logits = logits + obs.action_bias
-        logits = masked_logits(logits, obs.action_mask)
+    logits = s.scores / config.policy_temperature
+    if "policy" in heads:
+        logits = logits + apply_head(heads["policy"], s.candidate_hidden)[..., 0]
+    if obs.action_bias is not None:  # episodic control, fixed when the step was acted
+        logits = logits + obs.action_bias
+    logits = masked_logits(logits, obs.action_mask)
     values = (
         apply_head(heads["value"], s.prompt_hidden)[..., 0]
         if "value" in heads
@@ -161,9 +156,12 @@ def score_features(
 
 
 class GenerateEval(NamedTuple):
-    """token_logp: [M, R] log-probs of the reply tokens; values: [M]."""
+    """token_logp: [M, R] log-probs of the reply tokens; entropy: [M, R] the policy's
+    entropy at each reply position; values: [M]. Both under the temperature-scaled,
+    unfiltered distribution (``sampling.policy_log_softmax``)."""
 
     token_logp: jax.Array
+    entropy: jax.Array
     values: jax.Array
 
 
@@ -179,11 +177,13 @@ def evaluate_generate(
     *,
     remat: bool = False,
 ) -> GenerateEval:
-    """Generate-mode policy: log-probs of a reply [M, R] under the sampling distribution.
+    """Generate-mode policy: log-probs and entropies of a reply [M, R] under the sampling
+    temperature, without top-p / top-k (those shape only the draw, see
+    ``sampling.policy_log_softmax``).
 
     adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots.
     remat: see ``evaluate_score``."""
-    logp, hidden = sequence_logprobs(
+    logp, hidden, entropy = sequence_logprobs(
         model,
         model_config,
         obs.prompt_tokens,
@@ -193,10 +193,11 @@ def evaluate_generate(
         config.sampling,
         prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
         remat=remat,
+        with_entropy=True,
     )
     values = (
         apply_head(heads["value"], hidden)[..., 0]
         if "value" in heads
         else jnp.zeros(logp.shape[:1], jnp.float32)
     )
-    return GenerateEval(token_logp=logp, values=values)
+    return GenerateEval(token_logp=logp, entropy=entropy, values=values)

@@ -18,23 +18,14 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rllama_jax.algos import ALGORITHMS, Algorithm, make_algorithm
 from rllama_jax.heads import calibrate_head, init_head
-from rllama_jax.losses import (
-    A2CConfig,
-    DQNConfig,
-    GRPOConfig,
-    PPOConfig,
-    ReinforceConfig,
-    SACConfig,
-)
 from rllama_jax.memory import MemoryConfig, MemoryState, init_memory, latent
 from rllama_jax.models import LlamaConfig, Params
 from rllama_jax.models.lora import LoraConfig, init_lora, with_lora
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.train.replay import ReplayBuffer, init_replay
 
-ALGORITHMS = ("ppo", "a2c", "reinforce", "grpo", "dqn", "sac")
-OFF_POLICY = ("dqn", "sac")
 ACTION_MODES = ("score", "generate")
 TRAINABLE = ("full", "lora", "heads")
 
@@ -43,11 +34,14 @@ TRAINABLE = ("full", "lora", "heads")
 class TrainConfig:
     """Everything static about training (hashable; changing a field recompiles).
 
+    algorithm: an ``rllama_jax.algos`` object holding every hyperparameter of the algorithm
+    (epochs, clip, GAE lambda, n-step, replay, targets, exploration, ...), or its name for
+    the defaults (``"ppo"`` is ``algos.PPO()``).
     Score mode: the policy is a softmax over candidate scores (``score_reduction`` of the
     candidate's token log-likelihoods, divided by ``policy_temperature``). Generate mode:
     token-level policy over the generated reply, log-probs under ``sampling``.
-    Off-policy (DQN, SAC): each ``train_step`` writes the transitions to the replay buffer
-    and takes ``updates_per_step`` gradient steps on minibatches of ``replay_batch``.
+    Off-policy (DQN, SAC): each ``train_step`` writes the trajectory's transitions to the
+    replay buffer and takes the algorithm's ``updates_per_step`` gradient steps on it.
     prefix_len: P > 0 when every prompt starts with the same P tokens (the system prompt and
     the user header) laid out unpadded in columns [0, P) (``tokenization.pad_after_prefix``):
     score mode then runs that prefix once per call (batch 1) and only the rows' own tokens
@@ -64,7 +58,7 @@ class TrainConfig:
     memory scales with these rows, not with the minibatch.
     """
 
-    algorithm: str = "ppo"
+    algorithm: Algorithm | str = "ppo"
     action_mode: str = "score"
     trainable: str = "lora"
     lora: LoraConfig = LoraConfig()
@@ -72,55 +66,41 @@ class TrainConfig:
     head_learning_rate: float = 1e-3
     max_grad_norm: float = 1.0
     gamma: float = 0.99
-    gae_lambda: float = 0.95
-    n_step: int = 5
-    epochs: int = 4
     minibatches: int = 1
     score_reduction: str = "sum"
     policy_temperature: float = 1.0
     sampling: SamplingConfig = SamplingConfig()
-    ppo: PPOConfig = PPOConfig()
-    a2c: A2CConfig = A2CConfig()
-    reinforce: ReinforceConfig = ReinforceConfig()
-    grpo: GRPOConfig = GRPOConfig()
-    dqn: DQNConfig = DQNConfig()
-    sac: SACConfig = SACConfig()
-    target_update: str = "polyak"
-    tau: float = 0.05
-    target_period: int = 100
-    replay_capacity: int = 4096
-    replay_batch: int = 32
-    updates_per_step: int = 1
     head_hidden: int = 0
     head_input_norm: bool = False
-    init_log_alpha: float = -2.0
     memory: MemoryConfig = MemoryConfig()
     prefix_len: int = 0
     remat: bool = True
     microbatch_rows: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.algorithm, str):
+            if self.algorithm not in ALGORITHMS:
+                raise ValueError(f"algorithm={self.algorithm!r} is not one of {ALGORITHMS}")
+            object.__setattr__(self, "algorithm", make_algorithm(self.algorithm))
+        if not isinstance(self.algorithm, Algorithm):
+            raise ValueError(f"algorithm must be an rllama_jax.algos.Algorithm or a name, got "
+                             f"{self.algorithm!r}")  # fmt: skip
         check = {
-            "algorithm": (self.algorithm, ALGORITHMS),
             "action_mode": (self.action_mode, ACTION_MODES),
             "trainable": (self.trainable, TRAINABLE),
             "score_reduction": (self.score_reduction, ("sum", "mean")),
-            "target_update": (self.target_update, ("polyak", "periodic")),
         }
         for name, (value, allowed) in check.items():
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
-        if self.algorithm in OFF_POLICY and self.action_mode != "score":
-            raise ValueError(
-                f"{self.algorithm} needs action_mode='score' (Q-values over candidate actions)"
-            )
+        self.algorithm.check(self.action_mode)
         if self.trainable == "heads" and self.action_mode == "generate":
             raise ValueError(
                 "trainable='heads' with action_mode='generate' would leave the policy frozen; "
                 "use 'lora' or 'full'"
             )
-        if self.epochs < 1 or self.minibatches < 1:
-            raise ValueError("epochs and minibatches must be >= 1")
+        if self.minibatches < 1:
+            raise ValueError("minibatches must be >= 1")
         if self.prefix_len < 0:
             raise ValueError(f"prefix_len must be >= 0, got {self.prefix_len}")
         if self.microbatch_rows < 0:
@@ -138,7 +118,7 @@ class TrainConfig:
 
     @property
     def off_policy(self) -> bool:
-        return self.algorithm in OFF_POLICY
+        return self.algorithm.off_policy
 
     @property
     def caches_features(self) -> bool:
@@ -153,21 +133,8 @@ class TrainConfig:
 
     @property
     def head_names(self) -> tuple[str, ...]:
-        """The heads this configuration trains."""
-        names: tuple[str, ...] = ()
-        if self.algorithm in ("ppo", "a2c") or (
-            self.algorithm == "reinforce" and self.reinforce.baseline == "value"
-        ):
-            names += ("value",)
-        if self.algorithm == "dqn":
-            names += ("q",)
-        if self.algorithm == "sac":
-            names += ("q1", "q2")
-        if self.trainable == "heads" and self.algorithm != "dqn":
-            # With the LLM frozen, a zero-initialised head on each candidate's hidden state
-            # is what the policy learns (DQN's policy is the Q head itself).
-            names += ("policy",)
-        return names
+        """The heads this configuration trains (``Algorithm.head_names``)."""
+        return self.algorithm.head_names(self.trainable)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -235,15 +202,6 @@ def reference_params(frozen: Params, config: TrainConfig) -> Params:
     return frozen["ref_model"] if config.trainable == "full" else frozen["model"]
 
 
-def _needs_reference(config: TrainConfig) -> bool:
-    return (config.algorithm == "ppo" and config.ppo.kl_coef > 0) or (
-        config.algorithm == "grpo" and config.grpo.beta > 0
-    )
-
-
-TWIN_CRITIC_INIT_SCALE = 0.01  # SAC's q1 / q2 output layers: N(0, 0.01^2 / fan_in)
-
-
 def init_train_state(
     config: TrainConfig,
     model_config: LlamaConfig,
@@ -267,7 +225,7 @@ def init_train_state(
     frozen: Params = {}
     if config.trainable == "full":
         trainable["model"] = jax.tree.map(jnp.copy, params)  # donated by every train step
-        if _needs_reference(config):
+        if config.algorithm.needs_reference:
             frozen["ref_model"] = jax.tree.map(jnp.copy, params)
     else:
         frozen["model"] = params
@@ -275,14 +233,17 @@ def init_train_state(
             trainable["lora"] = init_lora(k_lora, model_config, config.lora)
     d = model_config.hidden_size
     head_keys = jax.random.split(k_heads, max(1, len(config.head_names)))
-    # SAC's twin critics start independent (a min over two equal heads is no pessimism).
-    scale = {name: TWIN_CRITIC_INIT_SCALE for name in ("q1", "q2") if name in config.head_names}
+    # Critics the algorithm wants to start apart (SAC's twins) get small random output
+    # weights; every other head starts at zero.
+    scale = config.algorithm.critic_init_scale
+    critics = set(config.algorithm.critic_heads)
     trainable["heads"] = {
-        name: init_head(k, d, 1, config.head_hidden, config.head_input_norm, scale.get(name, 0.0))
+        name: init_head(
+            k, d, 1, config.head_hidden, config.head_input_norm, scale if name in critics else 0.0
+        )
         for name, k in zip(config.head_names, head_keys, strict=False)
     }
-    if config.algorithm == "sac":
-        trainable["log_alpha"] = jnp.asarray(config.init_log_alpha, jnp.float32)
+    trainable.update(config.algorithm.extra_params())
     if config.memory.latent_enabled:
         lcfg = config.memory.latent
         if lcfg.hidden_size != model_config.hidden_size:
@@ -296,8 +257,10 @@ def init_train_state(
     replay = None
     if config.off_policy:
         if replay_example is None:
-            raise ValueError(f"{config.algorithm} needs replay_example to size its replay buffer")
-        replay = init_replay(replay_example, config.replay_capacity)
+            raise ValueError(
+                f"{config.algorithm.name} needs replay_example to size its replay buffer"
+            )
+        replay = init_replay(replay_example, config.algorithm.replay_capacity)
     opt_state = make_optimizer(config).init(trainable)
     # Every leaf must be its own buffer: the state is donated, and XLA refuses to donate one
     # buffer twice.

@@ -1,9 +1,10 @@
-"""The fixed-shape arrays a rollout hands to ``train_step``.
+"""The fixed-shape arrays a rollout (or the agent's single-env loop) hands to ``train_step``.
 
-``Batch`` (on-policy: PPO, A2C, REINFORCE, GRPO) keeps the rollout's ``[N, T]`` layout
-(N environments, T turns) because returns and advantages run along turns.
-``Transitions`` (off-policy: DQN, SAC) is a flat ``[M]`` set of (s, a, r, s') rows for the
-replay buffer. Fields a mode does not use are None.
+``Trajectory`` keeps the rollout's ``[N, T]`` layout (N rows, T turns): every algorithm's
+train step takes one. On-policy algorithms compute returns and advantages along its turns;
+off-policy ones turn it into ``Transitions`` (a flat ``[M]`` set of n-step (s, a, r, s')
+rows for the replay buffer) with ``n_step_transitions``, a pure function of the trajectory.
+Fields a mode does not use are None.
 
 Shapes: L prompt tokens (left-padded; with memory this includes the text region R or the
 M soft-prompt slots), A candidate actions of C tokens (right-padded), R response tokens
@@ -12,7 +13,10 @@ M soft-prompt slots), A candidate actions of C tokens (right-padded), R response
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from rllama_jax.memory.latent import AdapterInputs
@@ -67,8 +71,8 @@ class Observation:
 
 
 @struct.dataclass
-class Batch:
-    """An on-policy rollout, leading axes [N, T].
+class Trajectory:
+    """What acting produced, leading axes [N, T].
 
     obs: Observation [N, T, ...]. actions: [N, T] candidate index (score mode).
     response_tokens, response_mask: [N, T, R] generated reply (generate mode).
@@ -78,7 +82,10 @@ class Batch:
         (e.g. after a GRPO episode ended).
     final_values: [N, T] V(true final observation) where ``truncated`` (else ignored).
     bootstrap_value: [N] V of the state after the last turn (0 if it ended).
-    group_ids: [N] GRPO group of each row (rows of a group start from the same seed).
+    group_ids: [N] group of each row (GRPO: rows of a group start from the same seed).
+    next_obs: Observation [N, T] the observation after each turn (the true final observation
+        where an episode ended; unused where it terminated); present when the algorithm
+        learns from (s, a, r, s') rows (``Algorithm.needs_next_obs``), else None.
     memory_keys: [N, T, D] pooled hidden state of each observation; memory_tokens,
         memory_mask: [N, T, Lm] rendering of each turn for episodic memory (optional);
         memory_actions: [N, T] the candidate index episodic memory records (-1: unknown).
@@ -101,15 +108,21 @@ class Batch:
     memory_tokens: jax.Array | None = None
     memory_mask: jax.Array | None = None
     memory_actions: jax.Array | None = None
+    next_obs: Observation | None = None
+
+
+Batch = Trajectory  # the name the on-policy layout had first
 
 
 @struct.dataclass
 class Transitions:
     """Off-policy transitions, leading axis [M].
 
-    obs, next_obs: Observation [M, ...] (``next_obs`` is the true final observation when an
-    episode was truncated). actions: [M]; rewards: [M]; discounts: [M] = gamma * (1 -
-    terminated) (truncation keeps gamma: the next state is bootstrapped); valid: [M].
+    obs, next_obs: Observation [M, ...] (``next_obs`` is the observation n steps later, or
+    the true final one when an episode ended first). actions: [M]; rewards: [M] the
+    discounted sum of up to n rewards; discounts: [M] the discount of the bootstrap,
+    gamma^n (0 after a termination; truncation keeps it: the next state is bootstrapped);
+    valid: [M].
     """
 
     obs: Observation
@@ -118,3 +131,53 @@ class Transitions:
     discounts: jax.Array
     next_obs: Observation
     valid: jax.Array
+
+
+def _shift(x: jax.Array, k: int, fill: Any) -> jax.Array:
+    """x [N, T, ...] moved k turns earlier along axis 1 (x[:, t + k]), ``fill`` past the end."""
+    if k == 0:
+        return x
+    pad = jnp.full((x.shape[0], k) + x.shape[2:], fill, x.dtype)
+    return jnp.concatenate([x[:, k:], pad], axis=1)
+
+
+def n_step_transitions(traj: Trajectory, gamma: float, n: int) -> Transitions:
+    """The n-step (s, a, r, s') rows [N*T] of a trajectory [N, T] (``next_obs`` required).
+
+    Row (i, t): reward ``sum_k gamma^k r[i, t+k]`` over the next ``m <= n`` turns of the same
+    episode inside the trajectory, bootstrap observation ``next_obs[i, t+m-1]`` with discount
+    ``gamma^m`` (0 if the episode terminated within them). ``n=1`` is the one-step row.
+    A jnp function: it runs inside the jitted train step.
+    """
+    if traj.next_obs is None:
+        raise ValueError("n-step transitions need Trajectory.next_obs (collect it for DQN/SAC)")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    valid = traj.valid.astype(bool)
+    rewards = traj.rewards.astype(jnp.float32)
+    term = traj.terminated.astype(bool)
+    ended = term | traj.truncated.astype(bool)
+    t = rewards.shape[1]
+    alive = valid
+    ret = jnp.zeros_like(rewards)
+    disc = jnp.ones_like(rewards)
+    last = jnp.broadcast_to(jnp.arange(t), rewards.shape)
+    for k in range(min(n, t)):
+        r_k, term_k = _shift(rewards, k, 0.0), _shift(term, k, False)
+        ret = ret + jnp.where(alive, disc * r_k, 0.0)
+        disc = jnp.where(alive, disc * gamma * (1.0 - term_k), disc)
+        last = jnp.where(alive, jnp.arange(t) + k, last)
+        alive = alive & ~_shift(ended, k, True) & _shift(valid, k + 1, False)
+    nxt = jax.tree.map(
+        lambda x: jnp.take_along_axis(x, last.reshape(last.shape + (1,) * (x.ndim - 2)), 1),
+        traj.next_obs,
+    )
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    return Transitions(
+        obs=jax.tree.map(flat, traj.obs),
+        actions=flat(traj.actions),
+        rewards=flat(ret),
+        discounts=flat(disc),
+        next_obs=jax.tree.map(flat, nxt),
+        valid=flat(valid),
+    )
