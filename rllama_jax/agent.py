@@ -13,12 +13,25 @@ exactly as the README's loop does::
     metrics = agent.terminate_episode()   # trains once batch_size turns are collected
 
 or let ``agent.train(env_id, num_steps)`` run N environments batched.
+
+Both paths produce the same ``Trajectory`` the launcher's rollout produces and learn from it
+with the same loop (``rllama_jax.loop``): the single-env API records turns, lays them out
+as the algorithm asks and calls ``loop.learn``; ``agent.train`` runs ``loop.train_loop``.
+Layouts of the single-env API: one row of ``batch_size`` consecutive turns (an episode cut
+by the batch is bootstrapped from the value of its next turn, and continues in the next
+batch), or, for algorithms that learn from whole episodes (REINFORCE, GRPO), one episode
+per row, ``episodes_per_update`` rows of at most ``batch_size`` turns. The user steps the
+environment, so episodes cannot share a start state: GRPO's group is then the whole batch
+of episodes (each episode's return against the batch's mean and spread), with a warning.
+The README loop never shows the agent the observation that ends an episode, so a truncated
+episode's last turn is not bootstrapped (it ends like a terminated one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -27,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rllama_jax.algos import Algorithm, algorithm_class
+from rllama_jax.loop import learn, train_loop
 from rllama_jax.memory import (
     EpisodicConfig,
     LatentConfig,
@@ -42,33 +57,49 @@ from rllama_jax.rollout import (
     Rollout,
     RolloutConfig,
     act,
+    encode_observations,
+    remember_step,
+    render_entries,
+    shared_prefix_length,
     transitions_example,
 )
 from rllama_jax.sampling import SamplingConfig
 from rllama_jax.tokenization import decode_responses
-from rllama_jax.train import (
-    Batch,
-    TrainConfig,
-    calibrate_heads,
-    init_train_state,
-    make_train_step,
-)
-from rllama_jax.trajectory import Observation
+from rllama_jax.train import TrainConfig, init_train_state, make_train_step
+from rllama_jax.trajectory import Observation, Trajectory
 
 
 @dataclasses.dataclass
 class _Turn:
     obs: Observation  # [1, ...] as the policy saw it
-    action: np.ndarray | None
-    response_tokens: np.ndarray | None
+    action: np.ndarray | None  # [1] (score mode)
+    response_tokens: np.ndarray | None  # [1, R] (generate mode)
     response_mask: np.ndarray | None
-    logp: np.ndarray
+    logp: np.ndarray  # [1] or [1, R]
     value: float
-    key: np.ndarray
+    key: np.ndarray  # [1, D]
     text: str = ""  # "observation -> action", its outcome is appended when it is remembered
     reward: float = 0.0
-    terminated: bool = False
-    truncated: bool = False
+    ended: bool = False  # the episode's last turn
+
+
+def _with_options(algorithm: str | Algorithm, kwargs: dict[str, Any]) -> Algorithm:
+    """The algorithm with the keyword arguments that are its hyperparameters applied (they
+    are removed from ``kwargs``); a keyword that is neither one of them nor a
+    ``TrainConfig`` field raises ``ValueError`` naming both lists."""
+    cls = algorithm_class(algorithm) if isinstance(algorithm, str) else type(algorithm)
+    options = {f.name for f in dataclasses.fields(cls)}
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(kwargs) - options - config_fields)
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)}: not an option of {cls.name} ({', '.join(sorted(options))}) "
+            "nor a TrainConfig field"
+        )
+    mine = {k: kwargs.pop(k) for k in list(kwargs) if k in options}
+    if isinstance(algorithm, str):
+        return cls(**mine)
+    return dataclasses.replace(algorithm, **mine) if mine else algorithm
 
 
 class RLlamaAgent:
@@ -76,31 +107,37 @@ class RLlamaAgent:
 
     model: a model name / path for ``load_pretrained`` (default: the embedded
         SmolLM2-135M-Instruct) or a ``(config, params, tokenizer)`` tuple.
-    algorithm: "ppo" | "dqn" | "a2c" | "sac" | "reinforce" | "grpo".
+    algorithm: "ppo" | "dqn" | "a2c" | "sac" | "reinforce" | "grpo", or an algorithm object
+        with its hyperparameters (``rllama_jax.algos``, e.g. ``PPO(epochs=2)``).
     action_mode: "score" (needs ``candidate_actions``) or "generate"; default: "score" when
         the subclass defines ``candidate_actions``, else "generate".
     generation: LlamaGym's defaults (32 new tokens, top-p 0.6, temperature 0.9).
-    batch_size: turns collected before an update in the single-env API.
+    batch_size: turns per update in the single-env API (and turns per environment per update
+        in ``train``); for whole-episode algorithms (REINFORCE, GRPO) the most turns of an
+        episode that count (a longer one is cut there).
+    episodes_per_update: whole-episode algorithms in the single-env API: episodes per update
+        (default: the algorithm's group size, else 4; at least 2).
     memory: "none" | "working" | "episodic" | "both"; episodic_capacity / episodic_k /
         working_window / memory_tokens (tokens per remembered step) size it.
     memory_mode: how memory reaches the LLM: "text" (spliced into the prompt) or "latent"
         (``latent_slots`` soft-prompt vectors from a trainable adapter of width
         ``latent_dim``, spliced where the text would go and trained with the policy).
-    trainable: "lora" (default), "full" or "heads"; further ``TrainConfig`` fields go in
-        ``train_kwargs``.
+    trainable: "lora" (default), "full" or "heads"; ``train_kwargs``: the algorithm's
+        hyperparameters (e.g. ``epochs=2`` for PPO) and further ``TrainConfig`` fields.
     """
 
     def __init__(
         self,
         model: str | tuple[LlamaConfig, Params, Any] = DEFAULT_MODEL,
         tokenizer: Any = None,
-        algorithm: str = "ppo",
+        algorithm: str | Algorithm = "ppo",
         *,
         action_mode: str | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.9,
         top_p: float = 0.6,
         batch_size: int = 8,
+        episodes_per_update: int | None = None,
         memory: str = "none",
         episodic_capacity: int = 256,
         episodic_k: int = 2,
@@ -136,7 +173,7 @@ class RLlamaAgent:
             stop_token_ids=(eos,) if isinstance(eos, int) else (),
         )
         self.train_config = TrainConfig(
-            algorithm=algorithm,
+            algorithm=_with_options(algorithm, train_kwargs),
             action_mode=action_mode,
             trainable=trainable,
             lora=LoraConfig(rank=lora_rank, alpha=lora_alpha),
@@ -153,6 +190,7 @@ class RLlamaAgent:
             ),  # fmt: skip
             **train_kwargs,
         )
+        self.algorithm = self.train_config.algorithm
         self.rollout_config = RolloutConfig(
             num_steps=batch_size,
             prompt_len=prompt_len,
@@ -160,26 +198,31 @@ class RLlamaAgent:
             candidate_len=candidate_len,
         )
         self.batch_size = batch_size
+        self.episodes_per_update = episodes_per_update or self.algorithm.group_size or 4
+        if self.algorithm.whole_episodes and self.episodes_per_update < 2:
+            raise ValueError(
+                f"episodes_per_update={self.episodes_per_update}: {self.algorithm.name} needs "
+                "at least 2 episodes per update (a baseline of one episode is the episode)"
+            )
         self.seed = seed
-        example = None
-        if self.train_config.off_policy:
-            example = self._transitions_example()
         self.state = init_train_state(
             self.train_config,
             self.model_config,
             params,
             jax.random.key(seed),
             num_envs=1,
-            replay_example=example,
+            replay_example=transitions_example(
+                self.train_config, self.rollout_config, self.model_config
+            ),
         )
         self._train_step = make_train_step(self.train_config, self.model_config)
         self._key = jax.random.key(seed + 1)
-        self._turns: list[_Turn] = []
-        self._episode: list[_Turn] = []
-        self._insert_at: np.ndarray | None = None
-        self._encoder: Rollout | None = None
-        self._calibrated = False
+        self._episode: list[_Turn] = []  # the episode being played
+        self._done: list[list[_Turn]] = []  # finished episodes (or their rest) not yet learned
+        self._pending = False  # the last turn's outcome has not entered working memory yet
+        self._insert_at: int | None = None
         self.exploration = ExplorationCheck()  # warns if every reply maps to one action
+        self.group_warning: str | None = None
 
     # ------------------------------------------------------------------ subclass hooks
     def get_system_prompt(self) -> str:
@@ -196,12 +239,6 @@ class RLlamaAgent:
         return None
 
     # ------------------------------------------------------------------ helpers
-    def _calibrate(self, batch: Any) -> None:
-        """With ``head_input_norm``: standardise the heads' inputs once, on the first batch."""
-        if self.train_config.head_input_norm and not self._calibrated:
-            self.state = calibrate_heads(self.state, batch.obs, batch.valid)
-            self._calibrated = True
-
     def _memory_config(
         self, mode, capacity, k, window, tokens, memory_mode, latent_slots, latent_dim
     ) -> MemoryConfig:
@@ -232,37 +269,18 @@ class RLlamaAgent:
             pad_id=0,
         )
 
-    def _transitions_example(self):
-        return transitions_example(self.train_config, self.rollout_config, self.model_config)
-
-    def _env_view(self) -> Any:
-        """A minimal stand-in env so ``Rollout``'s encoder serves the single-env API."""
-        agent = self
-
-        class _View:
-            unwrapped = type("U", (), {"system_prompt": agent.get_system_prompt()})()
-
-            def reset(self, seed=None):
-                return None, {"candidates": []}
-
-        return _View()
-
-    def _encode(self, observations: list[Any]) -> Observation:
-        if self._encoder is None:
-            self._encoder = Rollout(
-                [self._env_view()],
-                self.tokenizer,
-                self.model_config,
-                self.train_config,
-                self.rollout_config,
-                extract_action=self.extract_action,
-                format_observation=self.format_observation,
-                system_prompt=self.get_system_prompt(),
-            )
+    def _encode(self, observations: list[Any]) -> tuple[Observation, list[list[str]]]:
+        system = self.get_system_prompt()
+        if self._insert_at is None:  # memory goes where the user's content starts
+            self._insert_at = shared_prefix_length(self.tokenizer, system)
         cands = [self.candidate_actions(o) or [] for o in observations]
         if self.train_config.action_mode == "score" and not all(cands):
             raise ValueError("score mode needs candidate_actions(observation) to return strings")
-        return self._encoder.encode(observations, cands), cands
+        obs = encode_observations(
+            self.tokenizer, system, self.format_observation, observations, cands,
+            self.train_config, self.rollout_config,
+        )  # fmt: skip
+        return obs, cands
 
     # ------------------------------------------------------------------ acting
     def act_batch(self, observations: list[Any]) -> list[Any]:
@@ -275,10 +293,10 @@ class RLlamaAgent:
     def _act(self, observations: list[Any]):
         obs, cands = self._encode(observations)
         self._key, sub = jax.random.split(self._key)
-        insert_at = np.full(len(observations), self._encoder.insert_at[0], np.int32)
+        insert_at = np.full(len(observations), self._insert_at, np.int32)
         out = act(
             self.state.trainable, self.state.frozen, self._memory_for(len(observations)),
-            obs, insert_at, sub, self.model_config, self.train_config, False,
+            obs, insert_at, sub, self.model_config, self.train_config, False, self.state.step,
         )  # fmt: skip
         if self.train_config.action_mode == "score":
             idx = [int(a) for a in np.asarray(out.actions)]
@@ -303,17 +321,18 @@ class RLlamaAgent:
         self._finish_pending_turn()
         (action,), out = self._act([observation])
         score = self.train_config.action_mode == "score"
-        turn = _Turn(
-            obs=jax.tree.map(np.asarray, out.obs),
-            action=np.asarray(out.actions) if score else None,
-            response_tokens=None if score else np.asarray(out.response_tokens),
-            response_mask=None if score else np.asarray(out.response_mask),
-            logp=np.asarray(out.logp),
-            value=float(out.values[0]),
-            key=np.asarray(out.keys),
-            text=f"{self.format_observation(observation)} -> {action}",
+        self._episode.append(
+            _Turn(
+                obs=jax.tree.map(np.asarray, out.obs),
+                action=np.asarray(out.actions) if score else None,
+                response_tokens=None if score else np.asarray(out.response_tokens),
+                response_mask=None if score else np.asarray(out.response_mask),
+                logp=np.asarray(out.logp),
+                value=float(out.values[0]),
+                key=np.asarray(out.keys),
+                text=f"{self.format_observation(observation)} -> {action}",
+            )
         )
-        self._episode.append(turn)
         self._pending = True  # the turn's outcome goes to working memory at the next call
         return action
 
@@ -324,108 +343,125 @@ class RLlamaAgent:
         self._episode[-1].reward += float(reward)
 
     def _finish_pending_turn(self, done: bool = False) -> None:
-        if not getattr(self, "_pending", False) or not self.train_config.memory.use_working:
-            self._pending = False
+        """Writes the last turn, now that its reward is known, to working memory."""
+        pending, self._pending = self._pending, False
+        mcfg = self.train_config.memory
+        if not pending or not mcfg.use_working:
             return
-        from rllama_jax.rollout import _remember_step
-
         turn = self._episode[-1]
-        text = f"{turn.text} -> {turn.reward:+g}"
-        tokens, mask = self._encoder._render([text], self.train_config.memory.working.max_tokens)
-        memory = _remember_step(
-            self.state.memory, self.train_config.memory, tokens, mask, turn.key,
+        tokens, mask = render_entries(
+            self.tokenizer, [f"{turn.text} -> {turn.reward:+g}"], mcfg.working.max_tokens
+        )
+        memory = remember_step(
+            self.state.memory, mcfg, tokens, mask, turn.key,
             jnp.abs(jnp.asarray([turn.reward])), jnp.asarray([done]),
         )  # fmt: skip
         self.state = self.state.replace(memory=memory)
-        self._pending = False
 
+    # ------------------------------------------------------------------ learning
     def terminate_episode(self, truncated: bool = False) -> dict[str, float]:
-        """Ends the episode; trains when ``batch_size`` turns are collected and returns the
-        update's metrics (else ``{}``)."""
+        """Ends the episode; learns once enough turns (or, for whole-episode algorithms,
+        episodes) are collected and returns the update's metrics (else ``{}``).
+
+        truncated: the episode was cut (time limit), not terminated. The agent never sees
+        the observation that would follow, so it cannot bootstrap from it: the last turn
+        ends the episode either way."""
         if not self._episode:
             return {}
         self._finish_pending_turn(done=True)
-        last = self._episode[-1]
-        last.terminated, last.truncated = not truncated, truncated
-        self._turns.extend(self._episode)
+        self._episode[-1].ended = True
+        self._done.append(self._episode)
         self._episode = []
-        if len(self._turns) < self.batch_size:
+        traj = self._next_trajectory()
+        if traj is None:
             return {}
-        if self.train_config.off_policy:
-            batch = self._transitions(self._turns, self.batch_size)
+        self.state, metrics = learn(self.state, traj, self._train_step, self.train_config)
+        return metrics
+
+    def _next_trajectory(self) -> Trajectory | None:
+        """The next trajectory of the recorded turns, if enough are recorded (they are then
+        consumed), else None."""
+        if self.algorithm.whole_episodes:
+            if len(self._done) < self.episodes_per_update:
+                return None
+            rows = self._done[: self.episodes_per_update]
+            self._done = self._done[self.episodes_per_update :]
+            if self.algorithm.group_size and self.group_warning is None:
+                self.group_warning = (
+                    f"{self.algorithm.name} through act()/terminate_episode(): the episodes "
+                    "of an update cannot share a start state, so they form one group (each "
+                    "return against the batch mean); agent.train() groups same-seed episodes"
+                )
+                logging.getLogger("rllama_jax").warning(self.group_warning)
+            return self._trajectory([rows_[: self.batch_size] for rows_ in rows], cut=None)
+        turns = [t for episode in self._done for t in episode]
+        if len(turns) < self.batch_size:
+            return None
+        row, rest = turns[: self.batch_size], turns[self.batch_size :]
+        self._done = [rest] if rest else []  # the rest of a cut episode, then nothing
+        return self._trajectory([row], cut=rest[0] if rest else None)
+
+    def _trajectory(self, rows: list[list[_Turn]], cut: _Turn | None) -> Trajectory:
+        """Rows of turns laid out as a ``Trajectory`` [len(rows), batch_size] (short rows
+        padded with invalid turns). cut: the turn that follows the last one of a single row
+        whose episode goes on (its value bootstraps the row, its observation is the last
+        turn's next observation)."""
+        n, t = len(rows), self.batch_size
+        score = self.train_config.action_mode == "score"
+        pad = rows[0][0]
+        grid = [row + [pad] * (t - len(row)) for row in rows]
+        valid = np.asarray([[j < len(row) for j in range(t)] for row in rows])
+
+        def stack(get: Any) -> Any:  # [1, ...] per turn -> [n, t, ...]
+            return jax.tree.map(
+                lambda *xs: np.concatenate(xs, axis=0).reshape((n, t) + xs[0].shape[1:]),
+                *[get(x) for row in grid for x in row],
+            )
+
+        per_turn = lambda f, dtype: np.asarray([[f(x) for x in row] for row in grid], dtype)  # noqa: E731
+        ended = per_turn(lambda x: x.ended, bool) & valid
+        if cut is None:  # whole episodes (or a batch ending with its episode): cut at T
+            ended[np.arange(n), valid.sum(1) - 1] = True
+        fields: dict[str, Any] = {}
+        if score:
+            fields["actions"] = stack(lambda x: x.action)
         else:
-            batch = self._batch(self._turns[: self.batch_size])
-        self._turns = self._turns[self.batch_size :]
-        self._calibrate(batch)
-        self.state, metrics = self._train_step(self.state, batch)
-        return {k: float(v) for k, v in metrics.items()}
-
-    def _batch(self, turns: list[_Turn]) -> Batch:
-        """Turns of one env laid out as a single row [1, T]."""
-        cat = lambda xs: np.concatenate(xs, axis=0)[None]  # noqa: E731
-        obs = jax.tree.map(lambda *xs: cat(xs), *[t.obs for t in turns])
-        score = self.train_config.action_mode == "score"
-        t = len(turns)
-        # A turn cut mid-episode (the batch filled up) is bootstrapped from its value.
-        return Batch(
-            obs=obs,
-            rewards=np.asarray([[x.reward for x in turns]], np.float32),
-            terminated=np.asarray([[x.terminated for x in turns]]),
-            truncated=np.asarray([[x.truncated for x in turns]]),
-            valid=np.ones((1, t), bool),
-            old_logp=cat([x.logp for x in turns]),
-            old_values=np.asarray([[x.value for x in turns]], np.float32),
-            final_values=np.zeros((1, t), np.float32),
-            bootstrap_value=np.zeros((1,), np.float32),
-            actions=cat([x.action for x in turns]) if score else None,
-            response_tokens=None if score else cat([x.response_tokens for x in turns]),
-            response_mask=None if score else cat([x.response_mask for x in turns]),
-            # One group for GRPO; None otherwise, as the rollout's batches have (a different
-            # pytree would compile the train step a second time).
-            group_ids=np.zeros((1,), np.int32) if self.train_config.algorithm == "grpo" else None,
-            **self._episodic_fields(turns),
-        )
-
-    def _episodic_fields(self, turns: list[_Turn]) -> dict[str, np.ndarray]:
-        """What the train step writes to episodic memory, laid out as the rollout's [1, T]
-        fields: each turn's key, its rendering "observation -> action -> reward" and the
-        candidate it took (-1 in generate mode). Empty without episodic memory."""
+            fields["response_tokens"] = stack(lambda x: x.response_tokens)
+            fields["response_mask"] = stack(lambda x: x.response_mask)
         mcfg = self.train_config.memory
-        if not mcfg.use_episodic:
-            return {}
-        texts = [f"{x.text} -> {x.reward:+g}" for x in turns]
-        tokens, mask = self._encoder._render(texts, mcfg.episodic.max_tokens)
-        score = self.train_config.action_mode == "score"
-        actions = [x.action if score else np.full((1,), -1, np.int32) for x in turns]
-        return {
-            "memory_keys": np.concatenate([x.key for x in turns], axis=0)[None],
-            "memory_tokens": tokens[None],
-            "memory_mask": mask[None],
-            "memory_actions": np.concatenate(actions, axis=0)[None].astype(np.int32),
-        }
-
-    def _transitions(self, turns: list[_Turn], count: int):
-        """The first ``count`` turns as (s, a, r, s') rows. ``turns`` holds whole episodes,
-        so every turn's successor is known. The README loop never shows the agent the
-        observation that ends an episode, so a truncated episode's last turn is not
-        bootstrapped (discount 0), like a terminated one."""
-        from rllama_jax.train import Transitions
-
-        rows, nexts, discounts = [], [], []
-        for i in range(count):
-            turn = turns[i]
-            end = turn.terminated or turn.truncated
-            rows.append(turn)
-            nexts.append(turn.obs if end else turns[i + 1].obs)
-            discounts.append(0.0 if end else self.train_config.gamma)
-        cat = lambda xs: jnp.asarray(np.concatenate(xs, axis=0))  # noqa: E731
-        return Transitions(
-            obs=jax.tree.map(lambda *xs: cat(xs), *[t.obs for t in rows]),
-            actions=cat([t.action for t in rows]),
-            rewards=jnp.asarray([t.reward for t in rows], jnp.float32),
-            discounts=jnp.asarray(discounts, jnp.float32),
-            next_obs=jax.tree.map(lambda *xs: cat(xs), *nexts),
-            valid=jnp.ones((count,), bool),
+        if mcfg.use_episodic:  # each turn's key, rendering and candidate (-1: generate mode)
+            texts = [f"{x.text} -> {x.reward:+g}" for row in grid for x in row]
+            tokens, mask = render_entries(self.tokenizer, texts, mcfg.episodic.max_tokens)
+            fields["memory_keys"] = stack(lambda x: x.key)
+            fields["memory_tokens"] = tokens.reshape(n, t, -1)
+            fields["memory_mask"] = mask.reshape(n, t, -1)
+            fields["memory_actions"] = (
+                fields["actions"] if score else np.full((n, t), -1, np.int32)
+            ).astype(np.int32)
+        if self.algorithm.needs_next_obs:
+            # s' of each turn: the next turn's observation; at an episode's end its own
+            # (never used: the discount is 0); after the last turn of a cut row, the cut's.
+            after = [
+                [row[j + 1] if j + 1 < len(row) else (cut or row[j]) for j in range(t)]
+                for row in grid
+            ]
+            fields["next_obs"] = jax.tree.map(
+                lambda *xs: np.concatenate(xs, axis=0).reshape((n, t) + xs[0].shape[1:]),
+                *[x.obs for row in after for x in row],
+            )
+        g = self.algorithm.group_size
+        return Trajectory(
+            obs=stack(lambda x: x.obs),
+            rewards=per_turn(lambda x: x.reward, np.float32) * valid,
+            terminated=ended,
+            truncated=np.zeros((n, t), bool),
+            valid=valid,
+            old_logp=stack(lambda x: x.logp),
+            old_values=per_turn(lambda x: x.value, np.float32),
+            final_values=np.zeros((n, t), np.float32),
+            bootstrap_value=np.asarray([cut.value if cut else 0.0] * n, np.float32),
+            group_ids=np.zeros((n,), np.int32) if g else None,
+            **fields,
         )
 
     # ------------------------------------------------------------------ batched training
@@ -433,13 +469,14 @@ class RLlamaAgent:
         self, env: str | list[gym.Env], num_steps: int, num_envs: int = 8, **env_kwargs: Any
     ) -> list[dict[str, float]]:
         """Trains on ``num_envs`` environments stepped together for ``num_steps`` env steps
-        in total (rounded up to whole batches of ``num_envs * batch_size`` turns)."""
+        in total (rounded up to whole batches of ``num_envs * batch_size`` turns), with the
+        launcher's loop (``rllama_jax.loop.train_loop``). Returns one record per update: the
+        train step's metrics, ``mean_return`` (last 100 episodes) and ``parse_failures``."""
         envs = (
             [gym.make(env, **env_kwargs) for _ in range(num_envs)] if isinstance(env, str) else env
         )
-        if self.train_config.memory.use_working and self.state.memory.working.valid.shape[0] != len(
-            envs
-        ):
+        working = self.state.memory.working
+        if working is not None and working.valid.shape[0] != len(envs):
             self.state = self.state.replace(
                 memory=init_memory(self.train_config.memory, len(envs)).replace(
                     episodic=self.state.memory.episodic
@@ -452,23 +489,20 @@ class RLlamaAgent:
             format_observation=self.format_observation, system_prompt=self.get_system_prompt(),
             candidate_actions=self.candidate_actions if has_candidates else None,
         )  # fmt: skip
-        history = []
-        per_batch = len(envs) * self.rollout_config.num_steps
-        for _ in range(-(-num_steps // per_batch)):
-            if self.train_config.off_policy:
-                self.state, batch = rollout.collect_transitions(self.state)
-            else:
-                self.state, batch = rollout.collect(self.state)
-            self._calibrate(batch)
-            self.state, metrics = self._train_step(self.state, jax.tree.map(jnp.asarray, batch))
-            recent = rollout.finished_returns[-100:]
+        history: list[dict[str, float]] = []
+
+        def record(rec: Any, _state: Any) -> None:
             history.append(
                 {
-                    **{k: float(v) for k, v in metrics.items()},
-                    "mean_return": float(np.mean(recent)) if recent else float("nan"),
+                    **rec.metrics,
+                    "mean_return": rollout.episodes.mean(100),
                     "parse_failures": rollout.parse_failures,
                 }
             )
+
+        per_batch = len(envs) * self.rollout_config.num_steps
+        updates = -(-num_steps // per_batch)
+        self.state = train_loop(rollout, self.state, self._train_step, updates, on_update=record)
         return history
 
     # ------------------------------------------------------------------ persistence
@@ -483,7 +517,7 @@ class RLlamaAgent:
         ckpt.wait_until_finished()
         with open(os.path.join(path, "agent.json"), "w", encoding="utf-8") as f:
             json.dump(
-                {"algorithm": self.train_config.algorithm, "seed": self.seed,
+                {"algorithm": self.algorithm.name, "seed": self.seed,
                  "train_config": repr(self.train_config)},
                 f, indent=2,
             )  # fmt: skip
@@ -497,7 +531,6 @@ class RLlamaAgent:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), abstract)
         self.state = restored.replace(rng=jax.random.wrap_key_data(restored.rng))
-        self._calibrated = True  # the statistics (if any) came with the parameters
 
 
 Agent = RLlamaAgent

@@ -231,7 +231,10 @@ def transitions_example(
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _remember_step(memory, config: MemoryConfig, tokens, mask, keys, importance, done):
+def remember_step(memory, config: MemoryConfig, tokens, mask, keys, importance, done):
+    """Working memory after one env step of every row: each row's entry (tokens, mask [B, W],
+    key [B, D], importance [B]) recorded, then the rows whose episode ended (``done`` [B])
+    cleared."""
     memory = record_step(memory, config, tokens, mask, keys, importance, jnp.ones_like(done))
     return end_episodes(memory, config, done)
 
@@ -321,6 +324,56 @@ class ExplorationCheck:
         )
         logging.getLogger("rllama_jax").warning(self.message)
         return self.message
+
+
+def encode_observations(
+    tokenizer: Any,
+    system_prompt: str,
+    format_observation: Callable[[Any], str],
+    raw_obs: list[Any],
+    candidates: list[list[str]],
+    train_config: TrainConfig,
+    config: RolloutConfig,
+    pad_id: int = 0,
+) -> Observation:
+    """Memory-free observations [B, ...] of ``raw_obs``: [system, user] chat prompts padded
+    to ``config.prompt_len`` (unpadded shared prefix first when ``train_config.prefix_len``),
+    and in score mode the ``candidates`` [B, A, C]. Used by ``Rollout`` and the agent."""
+    convs = [
+        [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": format_observation(o)},
+        ]
+        for o in raw_obs
+    ]
+    rows = chat_token_ids(tokenizer, convs, add_generation_prompt=True)
+    if train_config.prefix_len:
+        tokens, mask = pad_after_prefix(rows, config.prompt_len, train_config.prefix_len, pad_id)
+    else:
+        tokens, mask = left_pad(rows, config.prompt_len, pad_id)
+    if train_config.action_mode != "score":
+        return Observation(tokens, mask)
+    ctok, cmask, amask = encode_candidates(
+        tokenizer, candidates, max_actions=config.max_actions,
+        max_tokens=config.candidate_len, pad_id=pad_id,
+    )  # fmt: skip
+    return Observation(tokens, mask, ctok, cmask, amask)
+
+
+def render_entries(
+    tokenizer: Any, texts: list[str], width: int, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Memory entries (tokens, mask) [len(texts), width]: each non-empty text, cut to fit,
+    then ``ENTRY_END`` (a newline), so entries spliced side by side stay on their own lines."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    end = tokenizer(ENTRY_END, add_special_tokens=False)["input_ids"][:width]
+    tokens = np.full((len(texts), width), pad_id, np.int32)
+    mask = np.zeros((len(texts), width), np.int32)
+    for i, row in enumerate(ids):
+        row = row[: width - len(end)] + end if row else []
+        tokens[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return tokens, mask
 
 
 def _next_observations(
@@ -431,43 +484,13 @@ class Rollout:
     # ------------------------------------------------------------------ host-side encoding
     def encode(self, raw_obs: list[Any], candidates: list[list[str]]) -> Observation:
         """Tokenizes one step's observations (and candidates in score mode) for all envs."""
-        convs = [
-            [
-                {"role": "system", "content": self.system_prompt},
-                {"role": "user", "content": self.format_observation(o)},
-            ]
-            for o in raw_obs
-        ]
-        rows = chat_token_ids(self.tokenizer, convs, add_generation_prompt=True)
-        if self.train_config.prefix_len:
-            tokens, mask = pad_after_prefix(
-                rows, self.config.prompt_len, self.train_config.prefix_len, self.pad_id
-            )
-        else:
-            tokens, mask = left_pad(rows, self.config.prompt_len, self.pad_id)
-        if self.train_config.action_mode != "score":
-            return Observation(tokens, mask)
-        ctok, cmask, amask = encode_candidates(
-            self.tokenizer,
-            candidates,
-            max_actions=self.config.max_actions,
-            max_tokens=self.config.candidate_len,
-            pad_id=self.pad_id,
-        )
-        return Observation(tokens, mask, ctok, cmask, amask)
+        return encode_observations(
+            self.tokenizer, self.system_prompt, self.format_observation, raw_obs, candidates,
+            self.train_config, self.config, self.pad_id,
+        )  # fmt: skip
 
     def _render(self, texts: list[str], width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Memory entries [len(texts), width]: each non-empty text, cut to fit, then
-        ``ENTRY_END`` (a newline), so entries spliced side by side stay on their own lines."""
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        end = self.tokenizer(ENTRY_END, add_special_tokens=False)["input_ids"][:width]
-        tokens = np.full((len(texts), width), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), width), np.int32)
-        for i, row in enumerate(ids):
-            row = row[: width - len(end)] + end if row else []
-            tokens[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        return tokens, mask
+        return render_entries(self.tokenizer, texts, width, self.pad_id)
 
     def _act(self, state: TrainState, obs: Observation) -> ActOutput:
         self.key, sub = jax.random.split(self.key)
@@ -590,7 +613,7 @@ class Rollout:
             if mcfg.use_working:
                 tokens, mask = self._render(step_texts, mcfg.working.max_tokens)
                 done = terminated[:, step] | truncated[:, step] | ~valid[:, step]
-                memory = _remember_step(
+                memory = remember_step(
                     state.memory, mcfg, tokens, mask * valid[:, step, None], out.keys,
                     jnp.abs(jnp.asarray(rewards[:, step])), jnp.asarray(done),
                 )  # fmt: skip
