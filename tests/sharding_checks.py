@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rllama_jax.algos import DQN, PPO  # noqa: E402
 from rllama_jax.distributed import (  # noqa: E402
     load_sharded,
     make_mesh,
@@ -50,9 +51,9 @@ from rllama_jax.train import (  # noqa: E402
     Batch,
     Observation,
     TrainConfig,
-    Transitions,
     init_train_state,
     make_train_step,
+    n_step_transitions,
 )
 
 # Every split dimension divides by 2: heads 4, kv heads 2, MLP 64, vocab 64, width 32.
@@ -99,15 +100,22 @@ def ppo_batch(seed: int, n: int = 8, t: int = 2) -> Batch:
     )
 
 
-def dqn_batch(seed: int, m: int = 8) -> Transitions:
+def dqn_batch(seed: int, n: int = 4, t: int = 2) -> Batch:
+    """A trajectory [n, t] with the observation after each turn (off-policy rows): 8 n-step
+    transitions, some ending in a termination."""
     rng = np.random.default_rng(seed)
-    return Transitions(
-        obs=observation(rng, (m,)),
-        actions=rng.integers(0, A, (m,)).astype(np.int32),
-        rewards=rng.normal(size=(m,)).astype(np.float32),
-        discounts=np.full((m,), 0.9, np.float32),
-        next_obs=observation(rng, (m,)),
-        valid=np.ones((m,), bool),
+    return Batch(
+        obs=observation(rng, (n, t)),
+        actions=rng.integers(0, A, (n, t)).astype(np.int32),
+        rewards=rng.normal(size=(n, t)).astype(np.float32),
+        terminated=np.tile([False, True], (n, t // 2)) & (np.arange(n) % 2 == 0)[:, None],
+        truncated=np.zeros((n, t), bool),
+        valid=np.ones((n, t), bool),
+        old_logp=np.zeros((n, t), np.float32),
+        old_values=np.zeros((n, t), np.float32),
+        final_values=np.zeros((n, t), np.float32),
+        bootstrap_value=np.zeros((n,), np.float32),
+        next_obs=observation(rng, (n, t)),
     )
 
 
@@ -196,8 +204,9 @@ def run_train(cfg: TrainConfig, make_batch, example) -> dict:
 
 def case_train_ppo() -> dict:
     cfg = TrainConfig(
-        algorithm="ppo", action_mode="score", trainable="lora", lora=LoraConfig(rank=4, alpha=8.0),
-        learning_rate=3e-3, head_learning_rate=3e-2, epochs=2, minibatches=2,
+        algorithm=PPO(epochs=2), action_mode="score", trainable="lora",
+        lora=LoraConfig(rank=4, alpha=8.0), learning_rate=3e-3, head_learning_rate=3e-2,
+        minibatches=2,
     )  # fmt: skip
     out = run_train(cfg, ppo_batch, None)
     out["bf16"] = bf16_step(cfg, out["ref_loss"][0])
@@ -207,10 +216,11 @@ def case_train_ppo() -> dict:
 
 def case_train_dqn() -> dict:
     cfg = TrainConfig(
-        algorithm="dqn", action_mode="score", trainable="full", learning_rate=3e-3,
-        head_learning_rate=3e-2, updates_per_step=2, replay_capacity=16, replay_batch=8,
+        algorithm=DQN(updates_per_step=2, replay_capacity=16, replay_batch=8),
+        action_mode="score", trainable="full", learning_rate=3e-3, head_learning_rate=3e-2,
     )  # fmt: skip
-    return run_train(cfg, dqn_batch, jax.tree.map(jnp.asarray, dqn_batch(0)))
+    example = n_step_transitions(jax.tree.map(jnp.asarray, dqn_batch(0)), cfg.gamma, 1)
+    return run_train(cfg, dqn_batch, example)
 
 
 def bf16_step(cfg: TrainConfig, fp32_loss: float) -> dict:

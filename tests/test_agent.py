@@ -87,7 +87,7 @@ def test_readme_blackjack_loop_trains(tiny, mode):
 def test_batched_train_helper_and_memory(tiny):
     agent = ScoringBlackjackAgent(
         tiny(), algorithm="a2c", batch_size=3, trainable="heads", memory="both",
-        memory_tokens=16, epochs=1,
+        memory_tokens=16,
     )  # fmt: skip
     history = agent.train("Blackjack-v1", num_steps=12, num_envs=2)
     assert len(history) == 2  # 12 steps / (2 envs x 3 turns)
@@ -140,9 +140,9 @@ def test_readme_textworld_agent_runs_episodes(tiny):
         tiny(),
         algorithm="reinforce",
         batch_size=4,
+        episodes_per_update=2,
         max_new_tokens=8,
         lora_rank=2,
-        epochs=1,
         prompt_len=512,
     )
     env = gym.make("rllama/TextWorld-easy-v0", max_steps=3)
@@ -158,9 +158,9 @@ def test_readme_textworld_agent_runs_episodes(tiny):
             agent.assign_reward(reward)
             done = terminated or truncated
         results.append(agent.terminate_episode(truncated=truncated and not terminated))
-    # 3 turns per episode, batches of 4: updates after episodes 2 (6 turns) and 3 (2 + 3).
-    assert [bool(r) for r in results] == [False, True, True]
-    assert int(agent.state.step) == 2 and np.isfinite(results[1]["loss"])
+    # REINFORCE learns from whole episodes, 2 per update (rows of up to 4 turns).
+    assert [bool(r) for r in results] == [False, True, False]
+    assert int(agent.state.step) == 1 and np.isfinite(results[1]["loss"])
 
 
 @pytest.mark.parametrize("algo", ["dqn", "sac"])
@@ -182,7 +182,7 @@ def test_single_env_loop_writes_episodic_memory(tiny):
     """act / assign_reward / terminate_episode: the train step stores every trained turn in
     episodic memory (key, "observation -> action -> reward", return, the candidate taken)."""
     agent = ScoringBlackjackAgent(
-        tiny(), algorithm="reinforce", batch_size=4, trainable="heads", memory="episodic",
+        tiny(), algorithm="ppo", batch_size=4, trainable="heads", memory="episodic",
         memory_tokens=32, epochs=1, gamma=1.0,
     )  # fmt: skip
     results = readme_loop(agent, episodes=6)

@@ -38,11 +38,25 @@ from tests.conftest import TRAIN, launcher_flags
         (dict(episodic_control=2.0), "--episodic_control needs --memory=episodic"),
         (dict(memory="episodic", algo="dqn", episodic_control=2.0), "Q head"),
         (dict(memory="episodic", episodic_control=-1.0), "episodic_control must be >= 0"),
+        # A flag the chosen algorithm does not take would silently do nothing.
+        (dict(algo="a2c", epochs=1), r"--epochs=1 does not apply to --algo=a2c"),
+        (dict(algo="ppo", group_size=4), r"--group_size=4 does not apply to --algo=ppo"),
+        (dict(algo="sac", epsilon_start=0.5), "does not apply to --algo=sac"),
+        (dict(algo="dqn", epsilon_end=1.5), "epsilon_end must be in"),
     ],
 )
 def test_invalid_combinations_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(**changes).validate()
+
+
+def test_every_algorithm_takes_the_default_flags():
+    """Defaults are never refused: only a flag set away from its default for an algorithm
+    without that option is (the launcher's flags serve every --algo)."""
+    from rllama_jax.algos import ALGORITHMS
+
+    for algo in ALGORITHMS:
+        ExperimentConfig(algo=algo).validate()
 
 
 def test_launcher_rejects_bad_flags_before_loading_anything(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import rllama_jax.envs  # noqa: F401
+from rllama_jax.algos import DQN, make_algorithm
 from rllama_jax.models import LlamaConfig, init_params
 from rllama_jax.models.loading import default_model_dir, load_tokenizer
 from rllama_jax.rollout import Rollout, RolloutConfig, transitions_example
@@ -34,8 +35,8 @@ def _strip(obs):
 
 @pytest.mark.parametrize("algorithm", ["ppo", "dqn"])
 def test_cached_features_give_the_same_update(tok, algorithm):
-    cfg = TrainConfig(algorithm=algorithm, trainable="heads", epochs=1, replay_batch=4,
-                      replay_capacity=16, head_learning_rate=1e-2)  # fmt: skip
+    algo = make_algorithm(algorithm, epochs=1, replay_batch=4, replay_capacity=16)
+    cfg = TrainConfig(algorithm=algo, trainable="heads", head_learning_rate=1e-2)
     assert cfg.caches_features
     assert not cfg.replace(trainable="lora").caches_features
     example = transitions_example(cfg, ROLL, MODEL) if cfg.off_policy else None
@@ -55,12 +56,12 @@ def test_cached_features_give_the_same_update(tok, algorithm):
     heads0 = jax.tree.map(np.asarray, state.trainable["heads"])
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(4)]
     rollout = Rollout(envs, tok, MODEL, cfg, ROLL, seed=3)
+    state, batch = rollout.collect(state)
     if cfg.off_policy:
-        state, batch = rollout.collect_transitions(state)
         assert batch.next_obs.features is not None
         stripped = batch.replace(obs=_strip(batch.obs), next_obs=_strip(batch.next_obs))
     else:
-        state, batch = rollout.collect(state)
+        assert batch.next_obs is None
         stripped = batch.replace(obs=_strip(batch.obs))
     f = batch.obs.features
     assert f.scores.shape == batch.obs.action_mask.shape
@@ -239,15 +240,16 @@ def test_head_input_norm_is_calibrated_once_and_never_trained(tok):
     with pytest.raises(ValueError, match="head_input_norm"):
         TrainConfig(trainable="lora", head_input_norm=True)
 
-    cfg = TrainConfig(algorithm="dqn", trainable="heads", head_input_norm=True, head_hidden=8,
-                      replay_batch=4, replay_capacity=16)  # fmt: skip
+    cfg = TrainConfig(algorithm=DQN(replay_batch=4, replay_capacity=16), trainable="heads",
+                      head_input_norm=True, head_hidden=8)  # fmt: skip
     example = transitions_example(cfg, ROLL, MODEL)
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)),
                              jax.random.key(1), num_envs=2, replay_example=example)  # fmt: skip
     rollout = Rollout([gym.make("rllama/Blackjack-v0") for _ in range(2)], tok, MODEL, cfg, ROLL)
-    state, batch = rollout.collect_transitions(state)
+    state, batch = rollout.collect(state)
     state = calibrate_heads(state, batch.obs, batch.valid)
     q = state.trainable["heads"]["q"]
+    assert batch.valid.all()
     feats = batch.obs.features.candidate_hidden.reshape(-1, MODEL.hidden_size)
     np.testing.assert_allclose(q["in_mean"], feats.mean(0), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(state.target["heads"]["q"]["in_scale"], q["in_scale"])
@@ -261,23 +263,49 @@ def test_head_input_norm_is_calibrated_once_and_never_trained(tok):
 
 def test_dqn_acts_epsilon_greedily_on_its_q_values():
     """DQN's acting policy is epsilon-greedy over its Q head, not the LLM's candidate scores
-    (which here prefer the other action)."""
+    (which here prefer the other action), with epsilon decaying linearly over train steps;
+    ``evaluate_score`` itself stays the candidates' policy (the algorithm shapes acting)."""
+    from rllama_jax.losses import masked_log_softmax
+    from rllama_jax.memory import MemoryConfig, init_memory
+    from rllama_jax.rollout import act
     from rllama_jax.train import Observation, ScoreFeatures, evaluate_score
 
-    cfg = TrainConfig(algorithm="dqn", trainable="heads", head_hidden=0)
+    algo = DQN(epsilon_start=0.5, epsilon_end=0.1, epsilon_decay=10)
+    cfg = TrainConfig(algorithm=algo, trainable="heads", head_hidden=0)
     d = MODEL.hidden_size
     h = jax.random.normal(jax.random.key(0), (3, 3, d))
     heads = {"q": {"w": jax.random.normal(jax.random.key(1), (d, 1)), "b": jnp.zeros(1)}}
     q = np.asarray(h @ heads["q"]["w"])[..., 0]
     mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], bool)
-    scores = -10.0 * np.eye(3, dtype=np.float32)[np.argmax(np.where(mask, q, -1e9), -1)]
+    best = np.argmax(np.where(mask, q, -1e9), -1)
+    scores = -10.0 * np.eye(3, dtype=np.float32)[best]
     t = np.zeros((3, 4), np.int32)
     obs = Observation(t, t, np.zeros((3, 3, 2), np.int32), np.zeros((3, 3, 2), np.int32), mask,
                       features=ScoreFeatures(jnp.asarray(scores), h, h[:, 0]))  # fmt: skip
     ev = evaluate_score({}, heads, obs, MODEL, cfg)
-    probs = np.exp(np.asarray(ev.log_probs))
-    best = np.argmax(np.where(mask, q, -1e9), -1)
-    eps, n = cfg.dqn.epsilon, mask.sum(-1)
-    expected = np.where(mask, eps / n[:, None], 0.0)
-    expected[np.arange(3), best] += 1 - eps
-    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    # The candidates' own policy avoids the greedy-Q action.
+    assert (np.argmax(np.asarray(ev.log_probs), -1) != best).all()
+    n = mask.sum(-1)
+    for update, eps in [(0, 0.5), (5, 0.3), (10, 0.1), (50, 0.1)]:
+        np.testing.assert_allclose(float(algo.epsilon(update)), eps, rtol=1e-6)
+        logits = algo.acting_logits(ev.logits, ev.q, jnp.asarray(mask), jnp.asarray(update))
+        probs = np.exp(np.asarray(masked_log_softmax(logits, jnp.asarray(mask))))
+        expected = np.where(mask, eps / n[:, None], 0.0)
+        expected[np.arange(3), best] += 1 - eps
+        np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    # ``act`` (what the rollout calls) samples from those logits: with no exploration left
+    # it takes the greedy-Q action, and its log-prob is that of the epsilon-greedy policy.
+    greedy_cfg = cfg.replace(algorithm=DQN(epsilon_start=0.0, epsilon_end=0.0))
+    out = act(
+        {"heads": heads}, {"model": {}}, init_memory(MemoryConfig(), 3), obs,
+        np.zeros(3, np.int32), jax.random.key(3), MODEL, greedy_cfg, False, 0,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(out.actions), best)
+    np.testing.assert_allclose(np.asarray(out.logp), 0.0, atol=1e-6)
+    out = act(
+        {"heads": heads}, {"model": {}}, init_memory(MemoryConfig(), 3), obs,
+        np.zeros(3, np.int32), jax.random.key(3), MODEL, cfg, False, 50,
+    )  # fmt: skip
+    chosen = np.asarray(out.actions)
+    want = np.where(chosen == best, 1 - 0.1 + 0.1 / n, 0.1 / n)
+    np.testing.assert_allclose(np.exp(np.asarray(out.logp)), want, rtol=1e-5)

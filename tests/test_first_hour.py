@@ -91,8 +91,8 @@ def test_an_unknown_model_name_is_one_clear_error():
 def test_two_agents_train_on_one_loaded_model(trainable):
     model = load_pretrained("tiny")
     before = jax.tree.map(np.asarray, model.params)
-    kw = dict(batch_size=2, trainable=trainable, lora_rank=2, epochs=1)
-    first = ScoringBlackjack(model, algorithm="ppo", **kw)
+    kw = dict(batch_size=2, trainable=trainable, lora_rank=2)
+    first = ScoringBlackjack(model, algorithm="ppo", epochs=1, **kw)
     assert _play(first, 4)
     second = ScoringBlackjack(model, algorithm="a2c", **kw)  # the same arrays, after a step
     updates = _play(second, 4)
@@ -170,7 +170,9 @@ def test_a_workdir_with_nothing_trained_is_reused(tmp_path):
     workdir = str(tmp_path / "w")
     os.makedirs(workdir)
     ExperimentConfig(**SMALL, workdir=workdir).save(workdir)  # e.g. left by a failed start
-    other = ExperimentConfig(**{**SMALL, "algo": "a2c", "total_steps": 16}, workdir=workdir)
+    # A2C takes one pass per batch: SMALL's --epochs (a PPO option) does not apply to it.
+    a2c = {k: v for k, v in SMALL.items() if k != "epochs"}
+    other = ExperimentConfig(**{**a2c, "algo": "a2c", "total_steps": 16}, workdir=workdir)
     assert not check_resumable(other)  # no checkpoint: nothing to resume, nothing to refuse
     run_experiment(other, progress=False, log=lambda *_: 0)
     assert ExperimentConfig.load(workdir).algo == "a2c"

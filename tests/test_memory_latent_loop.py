@@ -8,6 +8,8 @@ as the other rollout tests do.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import pytest
 
 import rllama_jax.envs  # noqa: F401  (registers rllama/ envs)
 from rllama_jax import RLlamaAgent
+from rllama_jax.algos import PPO
 from rllama_jax.memory import (
     EpisodicConfig,
     LatentConfig,
@@ -34,7 +37,6 @@ from rllama_jax.train import (
     LossInputs,
     Observation,
     TrainConfig,
-    default_loss_fn,
     evaluate_generate,
     evaluate_score,
     init_train_state,
@@ -71,17 +73,20 @@ def new_state(cfg: TrainConfig, num_envs: int):
     return init_train_state(cfg, MODEL, params, jax.random.key(1), num_envs=num_envs)
 
 
-def step_with_logp_gap(cfg: TrainConfig):
-    """train_step whose metrics also hold max |train-time logp - act-time logp| over the
-    valid tokens of its (single) minibatch: the exact recomputation the loss sees."""
-    ppo = default_loss_fn(cfg)
+class PPOWithLogpGap(PPO):
+    """PPO whose metrics also hold max |train-time logp - act-time logp| over the valid
+    tokens of its minibatch: the exact recomputation the loss sees."""
 
-    def loss_fn(x: LossInputs):
-        loss, metrics = ppo(x)
+    def loss(self, x: LossInputs):
+        loss, metrics = super().loss(x)
         gap = jnp.max(jnp.where(x.mask, jnp.abs(x.logp - x.old_logp), 0.0))
         return loss, {**metrics, "logp_gap": gap}
 
-    return make_train_step(cfg, MODEL, loss_fn)
+
+def step_with_logp_gap(cfg: TrainConfig):
+    """train_step of ``cfg`` (a PPO config) with the loss of ``PPOWithLogpGap``."""
+    options = {f.name: getattr(cfg.algorithm, f.name) for f in dataclasses.fields(PPO)}
+    return make_train_step(cfg.replace(algorithm=PPOWithLogpGap(**options)), MODEL)
 
 
 def train_and_check(step, state, batch):
@@ -130,7 +135,7 @@ def test_latent_rollout_score_mode_consistent_and_trains_adapter(tok):
     n, t = 2, 4
     envs = [gym.make("rllama/TMaze-v0", corridor_length=1) for _ in range(n)]
     # A frozen LLM: what the loss changes is the heads and the memory adapter.
-    cfg = TrainConfig(algorithm="ppo", trainable="heads", epochs=1, memory=latent_memory("both"))
+    cfg = TrainConfig(algorithm=PPO(epochs=1), trainable="heads", memory=latent_memory("both"))
     state = new_state(cfg, n)
     rollout = Rollout(
         envs, tok, MODEL, cfg, RolloutConfig(num_steps=t, prompt_len=L, candidate_len=3)
@@ -162,8 +167,9 @@ def test_latent_rollout_generate_mode_consistent(tok):
     n, t = 2, 3
     envs = [gym.make("rllama/TMaze-v0", corridor_length=1) for _ in range(n)]
     cfg = TrainConfig(
-        algorithm="ppo", action_mode="generate", trainable="lora", lora=LoraConfig(rank=2),
-        epochs=1, sampling=SamplingConfig(max_new_tokens=4, temperature=1.0, top_p=1.0),
+        algorithm=PPO(epochs=1), action_mode="generate", trainable="lora",
+        lora=LoraConfig(rank=2),
+        sampling=SamplingConfig(max_new_tokens=4, temperature=1.0, top_p=1.0),
         memory=latent_memory("working"),
     )  # fmt: skip
     state = new_state(cfg, n)
@@ -204,7 +210,7 @@ def test_latent_rollout_generate_mode_consistent(tok):
 # Score mode, frozen LLM (only heads and the adapter train), one retrieved entry; shared by the
 # tests below so that their act calls compile once.
 HEADS_CFG = TrainConfig(
-    algorithm="ppo", trainable="heads", epochs=1, memory=latent_memory("episodic", k=1)
+    algorithm=PPO(epochs=1), trainable="heads", memory=latent_memory("episodic", k=1)
 )
 INSERT_AT = jnp.asarray([4], jnp.int32)
 
@@ -300,16 +306,20 @@ def test_agent_latent_memory_runs_episodes_and_round_trips(tok, tmp_path):
             agent.assign_reward(reward)
             done = term or trunc
         assert agent.terminate_episode() == {}
-    # The recorded turns form a training batch carrying the memory read of each turn.
-    turns = agent._turns
-    batch = agent._batch(turns)
-    assert batch.obs.soft_slots.shape == (1, len(turns), L + 2)
-    assert batch.obs.latent_memory.keys.shape == (1, len(turns), 2, D)
-    assert batch.obs.latent_memory.summary.shape == (1, len(turns), D)
+    # The recorded turns form a training batch carrying the memory read of each turn: one
+    # row of batch_size turns, those not played yet invalid.
+    turns = [x for episode in agent._done for x in episode]
+    n = len(turns)
+    assert 0 < n < 64
+    batch = agent._trajectory([turns], cut=None)
+    assert batch.obs.soft_slots.shape == (1, 64, L + 2)
+    assert batch.obs.latent_memory.keys.shape == (1, 64, 2, D)
+    assert batch.obs.latent_memory.summary.shape == (1, 64, D)
+    np.testing.assert_array_equal(batch.valid[0], np.arange(64) < n)
     # Working memory feeds the adapter from an episode's second turn on (cleared at its end).
-    later = [False] + [not (x.terminated or x.truncated) for x in turns[:-1]]
-    np.testing.assert_array_equal(batch.obs.latent_memory.summary_valid[0], later)
-    slots = np.asarray(batch.obs.soft_slots[0])
+    later = [False] + [not x.ended for x in turns[:-1]]
+    np.testing.assert_array_equal(batch.obs.latent_memory.summary_valid[0, :n], later)
+    slots = np.asarray(batch.obs.soft_slots[0, :n])
     np.testing.assert_array_equal((slots >= 0).sum(-1), 2 * np.asarray(later))
     # Save/load carries the adapter (moved off its initial values first).
     adapter = jax.tree.map(lambda x: x + 0.5, agent.state.trainable["memory_adapter"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import rllama_jax.envs  # noqa: F401  (registers rllama/ envs)
+from rllama_jax.algos import DQN, GRPO, PPO, Reinforce
 from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
 from rllama_jax.models import LlamaConfig, init_params
 from rllama_jax.models.loading import default_model_dir, load_tokenizer
@@ -23,6 +24,7 @@ from rllama_jax.train import (
     evaluate_score,
     init_train_state,
     make_train_step,
+    n_step_transitions,
     remember_batch,
 )
 
@@ -41,7 +43,7 @@ def test_tmaze_rollout_shapes_truncation_and_training(tok):
     n, t = 3, 7
     # corridor 3 -> 5 observations per episode; max_steps=4 truncates every episode at step 4.
     envs = [gym.make("rllama/TMaze-v0", corridor_length=3, max_steps=4) for _ in range(n)]
-    cfg = TrainConfig(algorithm="ppo", trainable="lora", lora=LoraConfig(rank=2), epochs=1)
+    cfg = TrainConfig(algorithm=PPO(epochs=1), trainable="lora", lora=LoraConfig(rank=2))
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
     # A value head that is not identically zero, so bootstrap values are visible.
     heads = state.trainable["heads"]
@@ -82,15 +84,17 @@ def test_tmaze_rollout_shapes_truncation_and_training(tok):
 
 def test_blackjack_rollout_records_episode_returns(tok):
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(2)]
-    cfg = TrainConfig(algorithm="ppo", trainable="heads", epochs=1)
+    cfg = TrainConfig(algorithm=PPO(epochs=1), trainable="heads")
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
     rollout = Rollout(envs, tok, MODEL, cfg, RolloutConfig(num_steps=6, prompt_len=256))
     state, batch = rollout.collect(state)
     # Blackjack rewards are -1, 0, +1 and only terminal steps pay.
     assert set(np.unique(batch.rewards)) <= {-1.0, 0.0, 1.0}
     assert (batch.rewards[~batch.terminated] == 0).all()
-    assert len(rollout.finished_returns) == int(batch.terminated.sum())
-    np.testing.assert_allclose(sum(rollout.finished_returns), batch.rewards.sum())
+    assert rollout.episodes.count == int(batch.terminated.sum())
+    assert len(rollout.episodes.recent) == rollout.episodes.count
+    np.testing.assert_allclose(rollout.episodes.total, batch.rewards.sum())
+    np.testing.assert_allclose(sum(rollout.episodes.recent), batch.rewards.sum())
 
 
 def memory_config(tok, mode: str) -> MemoryConfig:
@@ -113,7 +117,7 @@ def decode_prompt(tok, batch, i, t) -> str:
 def test_working_memory_reaches_prompt_and_clears_at_episode_end(tok):
     envs = [gym.make("rllama/TMaze-v0", corridor_length=1) for _ in range(2)]
     cfg = TrainConfig(
-        algorithm="ppo", trainable="heads", epochs=1, memory=memory_config(tok, "working")
+        algorithm=PPO(epochs=1), trainable="heads", memory=memory_config(tok, "working")
     )
     state = init_train_state(
         cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=2
@@ -136,7 +140,7 @@ def test_working_memory_reaches_prompt_and_clears_at_episode_end(tok):
 def test_episodic_memory_written_by_train_step_and_retrieved(tok):
     envs = [gym.make("rllama/KeyedBandit-v0", num_situations=2) for _ in range(2)]
     cfg = TrainConfig(
-        algorithm="ppo", trainable="heads", epochs=1, memory=memory_config(tok, "episodic")
+        algorithm=PPO(epochs=1), trainable="heads", memory=memory_config(tok, "episodic")
     )
     state = init_train_state(
         cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=2
@@ -160,11 +164,10 @@ def test_episodic_memory_written_by_train_step_and_retrieved(tok):
 def test_generate_mode_rollout_and_parse_failures(tok):
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(2)]
     cfg = TrainConfig(
-        algorithm="ppo",
+        algorithm=PPO(epochs=1),
         action_mode="generate",
         trainable="lora",
         lora=LoraConfig(rank=2),
-        epochs=1,
         sampling=SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=1.0),
     )
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
@@ -196,12 +199,13 @@ def test_generate_mode_rollout_and_parse_failures(tok):
 
 def test_grpo_layout_one_episode_per_row_grouped_by_seed(tok):
     envs = [gym.make("rllama/TMaze-v0", corridor_length=2) for _ in range(4)]
-    cfg = TrainConfig(algorithm="grpo", trainable="lora", lora=LoraConfig(rank=2), epochs=1)
+    cfg = TrainConfig(
+        algorithm=GRPO(group_size=2, epochs=1), trainable="lora", lora=LoraConfig(rank=2)
+    )
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
     rollout = Rollout(
-        envs, tok, MODEL, cfg,
-        RolloutConfig(num_steps=6, prompt_len=128, candidate_len=3, group_size=2),
-    )  # fmt: skip
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=6, prompt_len=128, candidate_len=3)
+    )
     state, batch = rollout.collect(state)
     np.testing.assert_array_equal(batch.group_ids, [0, 0, 1, 1])
     # Rows of a group start from the same state (same cue).
@@ -221,7 +225,7 @@ def test_grpo_layout_one_episode_per_row_grouped_by_seed(tok):
 
 def test_off_policy_transitions_link_next_observations(tok):
     envs = [gym.make("rllama/TMaze-v0", corridor_length=3, max_steps=2) for _ in range(2)]
-    cfg = TrainConfig(algorithm="dqn", trainable="heads")
+    cfg = TrainConfig(algorithm=DQN(n_step=3), trainable="heads")
     rollout = Rollout(
         envs, tok, MODEL, cfg, RolloutConfig(num_steps=3, prompt_len=128, candidate_len=3)
     )
@@ -232,7 +236,11 @@ def test_off_policy_transitions_link_next_observations(tok):
         jax.random.key(1),
         replay_example=_example(rollout),
     )
-    state, tr = rollout.collect_transitions(state)
+    state, traj = rollout.collect(state)
+    assert traj.next_obs is not None  # DQN learns from (s, a, r, s') rows
+    assert traj.actions.shape == traj.rewards.shape == (2, 3)
+    traj = jax.tree.map(jnp.asarray, traj)
+    tr = n_step_transitions(traj, cfg.gamma, 1)
     text = lambda o, i: tok.decode(o.prompt_tokens[i][o.prompt_mask[i].astype(bool)])  # noqa: E731
     # Row-major [N*T]: env 0 has turns 0, 1, 2. Turn 0 -> its successor is turn 1's obs.
     assert text(tr.next_obs, 0) == text(tr.obs, 1)
@@ -241,8 +249,17 @@ def test_off_policy_transitions_link_next_observations(tok):
     assert "corridor" in text(tr.next_obs, 1) and "signpost" in text(tr.obs, 2)
     np.testing.assert_allclose(tr.discounts[:3], cfg.gamma)
     assert tr.actions.shape == tr.rewards.shape == (6,)
+    # DQN's own rows are n-step (n_step=3) within an episode: turn 0's episode is cut at
+    # turn 1, so its row sums two rewards, bootstraps from that true final observation with
+    # gamma^2, and never reaches into the next episode.
+    dq = cfg.algorithm.transitions(traj, cfg.gamma)
+    np.testing.assert_allclose(dq.discounts[0], cfg.gamma**2, rtol=1e-6)
+    np.testing.assert_allclose(
+        dq.rewards[0], traj.rewards[0, 0] + cfg.gamma * traj.rewards[0, 1], rtol=1e-6
+    )
+    assert text(dq.next_obs, 0) == text(tr.next_obs, 1)
     step = make_train_step(cfg, MODEL)
-    state, metrics = step(state, jax.tree.map(jnp.asarray, tr))
+    state, metrics = step(state, traj)
     assert int(state.replay.valid.sum()) == 6
 
 
@@ -258,7 +275,7 @@ def test_episodic_memory_entries_one_per_line_and_actions_recorded(tok):
     the train step's write stores which candidate each remembered step took."""
     envs = [gym.make("rllama/KeyedBandit-v0", num_situations=2) for _ in range(3)]
     cfg = TrainConfig(
-        algorithm="ppo", trainable="heads", epochs=1, memory=memory_config(tok, "episodic")
+        algorithm=PPO(epochs=1), trainable="heads", memory=memory_config(tok, "episodic")
     )
     state = init_train_state(
         cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=3
@@ -266,6 +283,9 @@ def test_episodic_memory_entries_one_per_line_and_actions_recorded(tok):
     rollout = Rollout(
         envs, tok, MODEL, cfg, RolloutConfig(num_steps=1, prompt_len=128, candidate_len=4)
     )
+    looks = []  # the policy's views of observations it does not act on
+    look = rollout._look
+    rollout._look = lambda *a: looks.append(1) or look(*a)
     state, batch = rollout.collect(state)
     for i in range(3):
         mask = batch.memory_mask[i, 0].astype(bool)
@@ -273,7 +293,7 @@ def test_episodic_memory_entries_one_per_line_and_actions_recorded(tok):
         assert entry.endswith("\n") and entry.count("\n") == 1 and " -> " in entry, entry
     np.testing.assert_array_equal(batch.memory_actions, batch.actions)
     # One-step episodes all end inside the batch: no extra forward for a bootstrap value.
-    assert rollout._next_view is None and not batch.bootstrap_value.any()
+    assert not looks and not batch.bootstrap_value.any()
     state = state.replace(memory=remember_batch(state, jax.tree.map(jnp.asarray, batch), cfg))
     mem = state.memory.episodic
     valid = np.asarray(mem.valid)
@@ -299,8 +319,7 @@ def test_episodic_control_steers_a_frozen_policy_and_train_step_agrees(tok):
     control = 5.0
     ep = dataclasses.replace(base.episodic, control=control, control_k=4)
     cfg = TrainConfig(
-        algorithm="reinforce", trainable="full", epochs=1,
-        memory=dataclasses.replace(base, episodic=ep),
+        algorithm=Reinforce(), trainable="full", memory=dataclasses.replace(base, episodic=ep),
     )  # fmt: skip
     state = init_train_state(
         cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1), num_envs=n
@@ -336,13 +355,12 @@ def test_heads_mode_kl_reference_is_the_llm_without_the_policy_head(tok):
     0 while the zero-initialised policy head is untouched, > 0 once it has moved (it used
     to include the current head, which made the penalty identically 0)."""
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(4)]
-    cfg = TrainConfig(algorithm="grpo", trainable="heads", epochs=1)
-    assert cfg.grpo.beta > 0
+    cfg = TrainConfig(algorithm=GRPO(group_size=2, epochs=1), trainable="heads")
+    assert cfg.algorithm.kl_coef > 0
     state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
     rollout = Rollout(
-        envs, tok, MODEL, cfg,
-        RolloutConfig(num_steps=4, prompt_len=160, candidate_len=3, group_size=2),
-    )  # fmt: skip
+        envs, tok, MODEL, cfg, RolloutConfig(num_steps=4, prompt_len=160, candidate_len=3)
+    )
     state, batch = rollout.collect(state)
     step = make_train_step(cfg, MODEL)
     batch = jax.tree.map(jnp.asarray, batch)

@@ -261,20 +261,45 @@ def test_greedy_logprobs_ignore_filters():
 # ---------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("name", sorted(SAMPLED))
 def test_sampled_logprobs_match_full_forward(tiny, name):
+    """Acting-time log-probs are the policy's: the model's distribution at the sampling
+    temperature, NOT top-p / top-k filtered (the filters only shape the draw), exactly what
+    ``sequence_logprobs`` recomputes; sampled tokens still come from the filtered support."""
     config, params, _ = tiny
     s = SAMPLED[name]
     tokens, mask = batch(3, [10, 3, 7, 12])
     out = generate(params, config, tokens, mask, jax.random.key(4), s)
     gen_mask = np.asarray(out.mask)
     assert gen_mask.sum() > 8
-    ref, ref_hidden = sequence_logprobs(
-        params, config, tokens, mask, out.tokens, out.mask, sampling=s
+    ref, ref_hidden, entropy = sequence_logprobs(
+        params, config, tokens, mask, out.tokens, out.mask, sampling=s, with_entropy=True
     )
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref), atol=TOL)
     np.testing.assert_allclose(out.last_hidden, ref_hidden, atol=TOL)
+    # The reply's logits from one full forward pass (position t predicts token t + 1).
+    seq = np.concatenate([tokens, np.asarray(out.tokens)], 1)
+    seq_mask = np.concatenate([mask, gen_mask.astype(mask.dtype)], 1)
+    full = jit_forward(params, config, seq, positions_from_mask(seq_mask), seq_mask)
+    logits = np.asarray(full.logits, np.float32)[:, W - 1 : -1]
+    picked = lambda logp: np.take_along_axis(logp, np.asarray(out.tokens)[..., None], -1)[..., 0]  # noqa: E731
     # Every sampled token came from inside the filtered support.
-    assert np.all(np.asarray(out.logprobs)[gen_mask] > -1e3)
-    # The filters do change the distribution: without them the log-probs differ.
+    filtered = np.asarray(jit_process_logits(jnp.asarray(logits), s))
+    assert np.all(picked(filtered)[gen_mask] > -1e3)
+    # The log-probs are the unfiltered temperature-scaled ones, and so is the entropy.
+    policy = np.asarray(jax.nn.log_softmax(jnp.asarray(logits) / s.temperature, -1))
+    np.testing.assert_allclose(np.asarray(ref)[gen_mask], picked(policy)[gen_mask], atol=TOL)
+    want_entropy = -(np.exp(policy) * policy).sum(-1)
+    np.testing.assert_allclose(np.asarray(entropy)[gen_mask], want_entropy[gen_mask], atol=1e-4)
+    assert np.all(np.asarray(entropy)[~gen_mask] == 0.0)
+    # The filters do not enter the log-probs: the same temperature without them agrees ...
+    unfiltered = SamplingConfig(
+        max_new_tokens=N, temperature=s.temperature, top_p=1.0, top_k=0,
+        stop_token_ids=STOPS, pad_token_id=PAD,
+    )  # fmt: skip
+    same, _ = sequence_logprobs(
+        params, config, tokens, mask, out.tokens, out.mask, sampling=unfiltered
+    )
+    np.testing.assert_allclose(np.asarray(same), np.asarray(ref), atol=TOL)
+    # ... while the temperature does: the model's own softmax (temperature 1) differs.
     plain, _ = sequence_logprobs(params, config, tokens, mask, out.tokens, out.mask)
     assert np.abs(np.asarray(plain) - np.asarray(ref))[gen_mask].max() > 1e-2
 
@@ -318,7 +343,10 @@ def test_fixed_key_is_deterministic_and_top_k_1_is_greedy(tiny):
     g = generate(params, config, tokens, mask, jax.random.key(0), greedy(N))
     t1 = generate(params, config, tokens, mask, jax.random.key(9), top1)
     np.testing.assert_array_equal(np.asarray(t1.tokens), np.asarray(g.tokens))
-    np.testing.assert_allclose(np.asarray(t1.logprobs), 0.0, atol=1e-6)  # one-token support
+    # top-k 1 only shapes the draw: the log-probs are those of the unfiltered policy (at
+    # temperature 1, the model's own softmax, as greedy decoding reports), not 0.
+    np.testing.assert_allclose(np.asarray(t1.logprobs), np.asarray(g.logprobs), atol=TOL)
+    assert np.all(np.asarray(t1.logprobs)[np.asarray(t1.mask)] < 0.0)
 
 
 # ---------------------------------------------------------------------------- scoring

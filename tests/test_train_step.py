@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rllama_jax.losses import DQNConfig, PPOConfig, ReinforceConfig
+from rllama_jax.algos import make_algorithm, option_names
 from rllama_jax.models import LlamaConfig, forward, init_params, positions_from_mask
 from rllama_jax.models.lora import LoraConfig, merge_lora, with_lora
 from rllama_jax.train import (
     Batch,
     Observation,
     TrainConfig,
+    Trajectory,
     Transitions,
     evaluate_score,
     init_train_state,
@@ -60,10 +61,16 @@ def observation(which: np.ndarray) -> Observation:
 
 
 def make(algo: str, **kw) -> tuple[TrainConfig, object, object]:
+    """Config, fresh state and train step for ``algo``: keyword arguments the algorithm
+    takes (``option_names``) are its hyperparameters, the others ``TrainConfig``'s; algorithms
+    with several passes over a batch (PPO, GRPO) take 2 unless told."""
+    options = {k: kw.pop(k) for k in list(kw) if k in option_names(algo)}
+    if "epochs" in option_names(algo):
+        options.setdefault("epochs", 2)
     cfg = TrainConfig(
-        algorithm=algo, action_mode="score", trainable=kw.pop("trainable", "lora"),
-        lora=LoraConfig(rank=4, alpha=8.0), learning_rate=kw.pop("lr", 3e-3),
-        head_learning_rate=3e-2, gamma=GAMMA, epochs=kw.pop("epochs", 2), **kw,
+        algorithm=make_algorithm(algo, **options), action_mode="score",
+        trainable=kw.pop("trainable", "lora"), lora=LoraConfig(rank=4, alpha=8.0),
+        learning_rate=kw.pop("lr", 3e-3), head_learning_rate=3e-2, gamma=GAMMA, **kw,
     )  # fmt: skip
     example = None
     if cfg.off_policy:
@@ -109,8 +116,8 @@ ON_POLICY_VALUE = ["ppo", "a2c", "reinforce"]
 
 
 def value_cfg(algo):
-    extra = {"reinforce": ReinforceConfig(baseline="value")} if algo == "reinforce" else {}
-    return make(algo, trainable="heads", **({"reinforce": extra["reinforce"]} if extra else {}))
+    extra = {"baseline": "value"} if algo == "reinforce" else {}
+    return make(algo, trainable="heads", **extra)
 
 
 @pytest.mark.parametrize("algo", ON_POLICY_VALUE)
@@ -175,11 +182,30 @@ def test_action_probe_on_policy(algo):
 
 
 def transitions(which, actions, rewards, discounts, next_which=None) -> Transitions:
+    """Replay rows (what ``init_train_state`` sizes the replay buffer from)."""
     next_which = which if next_which is None else next_which
     return Transitions(
         obs=observation(np.asarray(which)), actions=jnp.asarray(actions, jnp.int32),
         rewards=jnp.asarray(rewards, jnp.float32), discounts=jnp.asarray(discounts, jnp.float32),
         next_obs=observation(np.asarray(next_which)), valid=jnp.ones(len(which), bool),
+    )  # fmt: skip
+
+
+def one_step(which, actions, rewards, terminated, next_which=None) -> Trajectory:
+    """A trajectory [N, 1] of one-turn rows (situation ``which`` -> ``next_which``): what an
+    off-policy train step turns into the one-step transitions (s, a, r, s', gamma * (1 -
+    terminated)) of its replay buffer."""
+    which = np.asarray(which)
+    n = len(which)
+    next_which = which if next_which is None else np.asarray(next_which)
+    col = lambda x, dtype: jnp.asarray(np.asarray(x).reshape(n, 1), dtype)  # noqa: E731
+    return Trajectory(
+        obs=observation(which[:, None]), actions=col(actions, jnp.int32),
+        rewards=col(rewards, jnp.float32), terminated=col(terminated, bool),
+        truncated=jnp.zeros((n, 1), bool), valid=jnp.ones((n, 1), bool),
+        old_logp=jnp.zeros((n, 1)), old_values=jnp.zeros((n, 1)),
+        final_values=jnp.zeros((n, 1)), bootstrap_value=jnp.zeros((n,)),
+        next_obs=observation(next_which[:, None]),
     )  # fmt: skip
 
 
@@ -195,7 +221,7 @@ def test_off_policy_probes(algo):
         which = rng.integers(0, 2, 16)
         actions = rng.integers(0, 2, 16)
         rewards = (actions == 1 - which).astype(float)
-        state, metrics = step(state, transitions(which, actions, rewards, np.zeros(16)))
+        state, metrics = step(state, one_step(which, actions, rewards, np.ones(16, bool)))
     _, probs, ev = values_and_probs(cfg, state, [0, 1])
     q = np.asarray(ev.q[qname])
     np.testing.assert_allclose(q, [[0.0, 1.0], [1.0, 0.0]], atol=0.15)
@@ -207,9 +233,8 @@ def test_off_policy_probes(algo):
         first = rng.integers(0, 2, 16)  # 1 = the transition out of situation 1
         actions = rng.integers(0, 2, 16)
         rewards = first.astype(float)
-        discounts = np.where(first == 1, 0.0, GAMMA)
         nxt = np.ones(16, int)
-        state, _ = step(state, transitions(first, actions, rewards, discounts, nxt))
+        state, _ = step(state, one_step(first, actions, rewards, first == 1, nxt))
     _, _, ev = values_and_probs(cfg, state, [0, 1])
     q = np.asarray(ev.q[qname])
     # SAC's soft value adds alpha * entropy; with alpha -> small it approaches gamma.
@@ -222,11 +247,11 @@ def test_dqn_greedy_policy_probe_with_lora():
     """DQN with LoRA trains the LLM and the Q head together; greedy Q picks the rewarded
     action in both situations."""
     rng = np.random.default_rng(3)
-    cfg, state, step = make("dqn", updates_per_step=2, dqn=DQNConfig(double=True))
+    cfg, state, step = make("dqn", updates_per_step=2, double=True)
     for _ in range(60):
         which = rng.integers(0, 2, 16)
         actions = rng.integers(0, 2, 16)
-        state, _ = step(state, transitions(which, actions, actions == 1 - which, np.zeros(16)))
+        state, _ = step(state, one_step(which, actions, actions == 1 - which, np.ones(16, bool)))
     _, _, ev = values_and_probs(cfg, state, [0, 1])
     q = np.asarray(ev.q["q"])
     assert q[0, 1] > q[0, 0] and q[1, 0] > q[1, 1], q
@@ -238,7 +263,7 @@ def test_nan_in_batch_skips_update(algo):
     cfg, state, step = make(algo)
     before = jax.tree.map(np.asarray, state.trainable)
     if cfg.off_policy:
-        batch = transitions([0, 1, 0, 1], [0, 1, 1, 0], [1.0, np.nan, 0.0, 1.0], np.zeros(4))
+        batch = one_step([0, 1, 0, 1], [0, 1, 1, 0], [1.0, np.nan, 0.0, 1.0], np.ones(4, bool))
     else:
         which = np.array([[0], [1], [0], [1]])
         obs = observation(which)
@@ -258,7 +283,10 @@ def test_nan_in_batch_skips_update(algo):
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c", "reinforce", "grpo", "dqn", "sac"])
 def test_train_step_traces_once(algo):
-    cfg = TrainConfig(algorithm=algo, trainable="lora", lora=LoraConfig(rank=2), epochs=1)
+    options = {"epochs": 1} if "epochs" in option_names(algo) else {}
+    cfg = TrainConfig(
+        algorithm=make_algorithm(algo, **options), trainable="lora", lora=LoraConfig(rank=2)
+    )
     example = transitions([0] * 4, [0] * 4, [0.0] * 4, [0.0] * 4) if cfg.off_policy else None
     state = init_train_state(cfg, MODEL, fresh_params(), jax.random.key(0), replay_example=example)
     raw = make_train_step(cfg, MODEL, jit=False)
@@ -267,8 +295,8 @@ def test_train_step_traces_once(algo):
     rng = np.random.default_rng(0)
     for _i in range(3):
         if cfg.off_policy:
-            batch = transitions(
-                rng.integers(0, 2, 4), rng.integers(0, 2, 4), rng.random(4), np.full(4, 0.9)
+            batch = one_step(
+                rng.integers(0, 2, 4), rng.integers(0, 2, 4), rng.random(4), np.zeros(4, bool)
             )
         else:
             which = rng.integers(0, 2, (4, 1))
@@ -323,7 +351,7 @@ def test_lora_changes_only_adapters_and_merge_matches():
 
 
 def test_invalid_combinations_fail_clearly():
-    with pytest.raises(ValueError, match="dqn needs action_mode='score'"):
+    with pytest.raises(ValueError, match=r"dqn needs action_mode in \('score',\)"):
         TrainConfig(algorithm="dqn", action_mode="generate")
     with pytest.raises(ValueError, match="trainable='heads' with action_mode='generate'"):
         TrainConfig(algorithm="ppo", action_mode="generate", trainable="heads")
@@ -336,7 +364,7 @@ def test_invalid_combinations_fail_clearly():
 
 
 def test_ppo_kl_penalty_uses_reference():
-    cfg, state, step = make("ppo", ppo=PPOConfig(kl_coef=0.1), trainable="full", lr=1e-3)
+    cfg, state, step = make("ppo", kl_coef=0.1, trainable="full", lr=1e-3)
     assert "ref_model" in state.frozen
     which = np.array([[0], [1], [0], [1]])
     for i in range(3):
@@ -362,7 +390,7 @@ def test_sac_twin_critics_start_independent_and_stay_apart(hidden):
     rng = np.random.default_rng(0)
     for _ in range(3):
         which, actions = rng.integers(0, 2, 8), rng.integers(0, 2, 8)
-        state, _ = step(state, transitions(which, actions, actions.astype(float), np.zeros(8)))
+        state, _ = step(state, one_step(which, actions, actions.astype(float), np.ones(8, bool)))
     _, _, ev = values_and_probs(cfg, state, [0, 1])
     q1, q2 = np.asarray(ev.q["q1"]), np.asarray(ev.q["q2"])
     assert np.abs(q1 - q2).max() > 1e-6  # the minimum is over two different critics

@@ -2,14 +2,6 @@
 algorithm of ``rllama_jax.algos``)."""
 
 from rllama_jax.algos import ALGORITHMS, LossInputs
-from rllama_jax.trajectory import (
-    Batch,
-    Observation,
-    ScoreFeatures,
-    Trajectory,
-    Transitions,
-    n_step_transitions,
-)
 from rllama_jax.train.policy import (
     evaluate_generate,
     evaluate_score,
@@ -27,6 +19,14 @@ from rllama_jax.train.state import (
     reference_params,
 )
 from rllama_jax.train.step import Minibatch, make_train_step, remember_batch
+from rllama_jax.trajectory import (
+    Batch,
+    Observation,
+    ScoreFeatures,
+    Trajectory,
+    Transitions,
+    n_step_transitions,
+)
 
 __all__ = [
     "ALGORITHMS",
