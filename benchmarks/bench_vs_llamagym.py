@@ -273,7 +273,6 @@ def worker_best(args) -> dict:
     """Config 2: N envs batched, score mode, one train_step per N x T turns."""
     import gymnasium as gym
     import jax
-    import numpy as np
 
     import rllama_jax.envs  # noqa: F401  (registers rllama/Blackjack-v0)
     from rllama_jax.models import DEFAULT_MODEL, load_pretrained
@@ -284,14 +283,13 @@ def worker_best(args) -> dict:
     prompt_len = args.prompt_len or fitted_prompt_len(model[2])
     _, ScoringBlackjackAgent = make_agent_class()
     from rllama_jax.feature_cache import FeatureCache
-    from rllama_jax.losses import PPOConfig
+    from rllama_jax.loop import LoopRecord, train_loop
     from rllama_jax.rollout import shared_prefix_length
-    from rllama_jax.train import calibrate_heads
 
     heads = args.best_trainable == "heads"
     extra = {}
     if heads:  # the launcher's frozen-LLM recipe: MLP heads on standardised features
-        extra = {"head_hidden": 256, "head_input_norm": True, "ppo": PPOConfig(ent_coef=0.05)}
+        extra = {"head_hidden": 256, "head_input_norm": True, "ent_coef": 0.05}
     agent = ScoringBlackjackAgent(
         model,
         algorithm="ppo",
@@ -357,52 +355,50 @@ def worker_best(args) -> dict:
         env.step = timed_env_step
 
     iters = []
-    state = agent.state
     n_finished_before = 0
-    for it in range(args.best_warmup + args.best_iters):
-        for k in ("encode", "act", "env", "acts"):
-            phase[k] = 0
-        t = time.perf_counter()
-        state, batch = rollout.collect(state)
-        if it == 0 and agent.train_config.head_input_norm:
-            state = calibrate_heads(state, batch.obs, batch.valid)
-        t_collect = time.perf_counter() - t
-        t = time.perf_counter()
-        device_batch = jax.tree.map(jax.numpy.asarray, batch)
-        t_transfer = time.perf_counter() - t
-        t = time.perf_counter()
-        state, metrics = agent._train_step(state, device_batch)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        t_train = time.perf_counter() - t
-        if it == args.best_warmup - 1:
-            n_finished_before = len(rollout.finished_returns)
+
+    def record(rec: LoopRecord, _state) -> None:
+        # train_s: the loop's learn step (host-to-device transfer of the trajectory, the
+        # heads' input calibration on the first update, the jitted train_step).
+        nonlocal n_finished_before
+        if rec.update == args.best_warmup:
+            n_finished_before = rollout.episodes.count
         iters.append(
             {
-                "collect_s": t_collect,
+                "collect_s": rec.collect_seconds,
                 "encode_s": phase["encode"],
                 "act_s": phase["act"],
                 "acts": phase["acts"],
                 "env_s": phase["env"],
-                "collect_other_s": t_collect - phase["encode"] - phase["act"] - phase["env"],
-                "transfer_s": t_transfer,
-                "train_s": t_train,
+                "collect_other_s": (
+                    rec.collect_seconds - phase["encode"] - phase["act"] - phase["env"]
+                ),
+                "train_s": rec.train_seconds,
                 "env_steps": args.num_envs * args.num_steps,
-                "loss": metrics.get("loss", float("nan")),
+                "loss": rec.metrics.get("loss", float("nan")),
             }
         )
         print(
-            f"iter {it}: collect {t_collect:.1f}s (act {phase['act']:.1f}s x{phase['acts']}, "
-            f"encode {phase['encode']:.2f}s, env {phase['env']:.3f}s) train {t_train:.1f}s "
-            f"finished episodes {len(rollout.finished_returns)} load {load_average()}",
+            f"iter {rec.update - 1}: collect {rec.collect_seconds:.1f}s (act {phase['act']:.1f}s "
+            f"x{phase['acts']}, encode {phase['encode']:.2f}s, env {phase['env']:.3f}s) "
+            f"train {rec.train_seconds:.1f}s finished episodes {rollout.episodes.count} "
+            f"load {load_average()}",
             file=sys.stderr,
             flush=True,
         )
+        for k in ("encode", "act", "env", "acts"):
+            phase[k] = 0
+
+    state = train_loop(
+        rollout, agent.state, agent._train_step, args.best_warmup + args.best_iters,
+        on_update=record,
+    )  # fmt: skip
     agent.state = state
     warm, steady = iters[: args.best_warmup], iters[args.best_warmup :]
     tot = lambda k: sum(x[k] for x in steady)  # noqa: E731
-    steady_s = tot("collect_s") + tot("transfer_s") + tot("train_s")
+    steady_s = tot("collect_s") + tot("train_s")
     rows = args.num_envs * args.num_steps
-    finished = rollout.finished_returns
+    episodes = rollout.episodes
     return {
         "side": "ours-best",
         "trainable": args.best_trainable,
@@ -426,14 +422,13 @@ def worker_best(args) -> dict:
         "update_tokens_padded": rows * (prompt_len + 2 * args.candidate_len),
         "act_calls_per_update": steady[0]["acts"],
         "phases_s": {
-            k: tot(k)
-            for k in ("act_s", "encode_s", "env_s", "collect_other_s", "transfer_s", "train_s")
+            k: tot(k) for k in ("act_s", "encode_s", "env_s", "collect_other_s", "train_s")
         },
         "iters": iters,
-        "episodes_total": len(finished),
-        "episodes_steady": len(finished) - n_finished_before,
-        "episode_returns": [float(x) for x in finished],
-        "mean_return_last200": float(np.mean(finished[-200:])) if finished else float("nan"),
+        "episodes_total": episodes.count,
+        "episodes_steady": episodes.count - n_finished_before,
+        "episode_returns": list(episodes.recent),  # the last episodes.window of them
+        "mean_return_last200": episodes.mean(200),
         "peak_rss_mib": peak_rss_mib(),
     }
 

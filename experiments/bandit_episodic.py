@@ -20,20 +20,22 @@ errors.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 
 import gymnasium as gym
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from rllama_jax.experiment import ExperimentConfig
 from rllama_jax.experiment.build import load_model, rollout_config, train_config
+from rllama_jax.loop import LoopRecord, TrainStep, train_loop
 from rllama_jax.rollout import Rollout
-from rllama_jax.train import init_train_state, remember_batch
+from rllama_jax.train import TrainConfig, TrainState, init_train_state, remember_batch
+from rllama_jax.trajectory import Trajectory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("memory", "episodic", ["none", "episodic"], "Episodic memory on or off.")
@@ -59,6 +61,20 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
+def remember_only(config: TrainConfig) -> TrainStep:
+    """A train step that trains nothing: it only writes the trajectory to episodic memory
+    (what every train step does first), so ``train_loop`` runs a frozen model that recalls."""
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def remember(state: TrainState, traj: Trajectory) -> TrainState:
+        return state.replace(memory=remember_batch(state, traj, config))
+
+    def step(state: TrainState, traj: Trajectory) -> tuple[TrainState, dict[str, jax.Array]]:
+        return remember(state, traj), {}
+
+    return step
+
+
 def main(argv: list[str]) -> None:
     del argv
     cfg = ExperimentConfig(
@@ -76,15 +92,16 @@ def main(argv: list[str]) -> None:
                       greedy=FLAGS.greedy)  # fmt: skip
     state = init_train_state(tcfg, model_config, params, jax.random.key(cfg.seed),
                              num_envs=cfg.num_envs)  # fmt: skip
-    remember = jax.jit(lambda s, b: remember_batch(s, b, tcfg), donate_argnums=0)
     returns = np.zeros((FLAGS.rounds, cfg.num_envs))
     t0 = time.perf_counter()
-    for r in range(FLAGS.rounds):
-        state, batch = rollout.collect(state)
-        returns[r] = batch.rewards[:, 0]
-        state = state.replace(memory=remember(state, jax.tree.map(jnp.asarray, batch)))
+
+    def report(rec: LoopRecord, _state: TrainState) -> None:
+        r = rec.update - 1
+        returns[r] = rec.trajectory.rewards[:, 0]
         print(f"round {r + 1:3d}: return {returns[r].mean():.3f}  "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+
+    train_loop(rollout, state, remember_only(tcfg), FLAGS.rounds, on_update=report)
     w = FLAGS.window
     first, last = mean_se(returns[:w]), mean_se(returns[-w:])
     print(f"memory={FLAGS.memory} control={FLAGS.control}: rounds 1-{w}: {first[0]:.3f} ± {first[1]:.3f}; "

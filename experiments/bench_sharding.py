@@ -66,6 +66,7 @@ def run_child() -> dict:
     import jax
     import numpy as np
 
+    from rllama_jax.algos import PPO
     from rllama_jax.distributed import (
         load_sharded,
         make_mesh,
@@ -86,7 +87,7 @@ def run_child() -> dict:
         model, params, _ = load_sharded(FLAGS.model, mesh, tokenizer=False)
     load_s = time.perf_counter() - start
 
-    cfg = TrainConfig(algorithm="ppo", action_mode="score", trainable="lora", epochs=1)
+    cfg = TrainConfig(algorithm=PPO(epochs=1), action_mode="score", trainable="lora")
     state = init_train_state(cfg, model, params, jax.random.key(1))
     state = shard_train_state(state, mesh, model, precision=FLAGS.precision)
     n, t, length, a, c = FLAGS.envs, FLAGS.turns, FLAGS.prompt_len, FLAGS.actions, FLAGS.action_len

@@ -256,6 +256,7 @@ def jax_case(case: str, s: dict) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from rllama_jax.algos import PPO
     from rllama_jax.models import load_pretrained
     from rllama_jax.models.lora import LoraConfig
     from rllama_jax.sampling import SamplingConfig
@@ -272,7 +273,7 @@ def jax_case(case: str, s: dict) -> dict[str, Any]:
     if case.endswith("_nofilter"):
         extra["sampling"] = SamplingConfig(temperature=1.0, top_p=1.0)
     cfg = TrainConfig(
-        algorithm="ppo", action_mode="generate", trainable=trainable, epochs=1,
+        algorithm=PPO(epochs=1), action_mode="generate", trainable=trainable,
         minibatches=s["minibatches"],
         lora=LoraConfig(rank=s["lora_rank"]), **extra,
     )  # fmt: skip

@@ -15,17 +15,17 @@ import time
 
 import gymnasium as gym
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import rllama_jax.envs  # noqa: F401
+from rllama_jax.algos import PPO
+from rllama_jax.loop import LoopRecord, train_loop
 from rllama_jax.memory import MemoryConfig, WorkingConfig
-from rllama_jax.models import LlamaConfig, init_params, load_pretrained
-from rllama_jax.models.loading import default_model_dir, load_tokenizer
+from rllama_jax.models import load_pretrained
 from rllama_jax.models.lora import LoraConfig
 from rllama_jax.rollout import Rollout, RolloutConfig
-from rllama_jax.train import TrainConfig, init_train_state, make_train_step
+from rllama_jax.train import TrainConfig, TrainState, init_train_state, make_train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("memory", "working", ["none", "working"], "Working memory on or off.")
@@ -42,15 +42,8 @@ flags.DEFINE_string("out", "", "Optional JSON file for the learning curve.")
 
 def main(argv: list[str]) -> None:
     del argv
-    if FLAGS.model == "tiny":
-        tok = load_tokenizer(default_model_dir())
-        config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
-        )  # fmt: skip
-        params = init_params(config, jax.random.key(FLAGS.seed))
-    else:
-        config, params, tok = load_pretrained(FLAGS.model)
+    # "tiny": a random 2-layer Llama (width 64) with the SmolLM2 tokenizer.
+    config, params, tok = load_pretrained(FLAGS.model, seed=FLAGS.seed)
     memory = MemoryConfig()
     if FLAGS.memory == "working":
         memory = MemoryConfig(
@@ -61,9 +54,9 @@ def main(argv: list[str]) -> None:
             working_header=tuple(tok(" Recent steps:", add_special_tokens=False)["input_ids"]),
         )
     cfg = TrainConfig(
-        algorithm="ppo", action_mode="score", trainable=FLAGS.trainable,
+        algorithm=PPO(epochs=2), action_mode="score", trainable=FLAGS.trainable,
         lora=LoraConfig(rank=8, alpha=16.0), learning_rate=FLAGS.lr, head_learning_rate=3e-3,
-        epochs=2, minibatches=2, memory=memory, gamma=0.95,
+        minibatches=2, memory=memory, gamma=0.95,
     )  # fmt: skip
     envs = [
         gym.make("rllama/TMaze-v0", corridor_length=FLAGS.corridor) for _ in range(FLAGS.num_envs)
@@ -77,20 +70,23 @@ def main(argv: list[str]) -> None:
         seed=FLAGS.seed,
     )  # fmt: skip
     step = make_train_step(cfg, config)
-    curve = []
+    curve: list[dict[str, float]] = []
     start = time.time()
-    for update in range(FLAGS.updates):
-        seen = len(rollout.finished_returns)
-        state, batch = rollout.collect(state)
-        state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
-        new = rollout.finished_returns[seen:]
+    seen = {"episodes": 0}
+
+    def report(rec: LoopRecord, _state: TrainState) -> None:
+        new = rollout.episodes.since(seen["episodes"])
+        seen["episodes"] = rollout.episodes.count
         success = float(np.mean(np.asarray(new) > 0)) if new else float("nan")
-        curve.append({"update": update, "success": success, "loss": float(metrics["loss"])})
+        loss = rec.metrics["loss"]
+        curve.append({"update": rec.update - 1, "success": success, "loss": loss})
         print(
-            f"update {update:3d}  success {success:.2f}  episodes {len(new):3d}  "
-            f"loss {float(metrics['loss']):+.3f}  {time.time() - start:.0f}s",
+            f"update {rec.update - 1:3d}  success {success:.2f}  episodes {len(new):3d}  "
+            f"loss {loss:+.3f}  {time.time() - start:.0f}s",
             flush=True,
         )
+
+    train_loop(rollout, state, step, FLAGS.updates, on_update=report)
     last = [c["success"] for c in curve[-10:]]
     print(f"memory={FLAGS.memory}: mean success over the last 10 updates {np.nanmean(last):.3f}")
     if FLAGS.out:
