@@ -407,6 +407,9 @@ class Rollout:
     candidate_actions: candidate strings of an observation (default: ``info["candidates"]``).
     format_observation / system_prompt: for envs whose observations are not text yet.
     greedy: act with the most likely action / greedy decoding (evaluation) instead of sampling.
+    episode_rows: the row layout (``RolloutConfig``): None follows the algorithm; False plays
+    continuing rows whatever the algorithm (evaluation: independent episodes, no groups, no
+    episode cut at T turns).
     feature_cache: memoized frozen-LLM features (``rllama_jax.feature_cache``): a step whose
     rows were all seen before runs only the heads. Several rollouts may share one.
     """
@@ -426,6 +429,7 @@ class Rollout:
         candidate_actions: Callable[[Any], list[str] | None] | None = None,
         greedy: bool = False,
         feature_cache: FeatureCache | None = None,
+        episode_rows: bool | None = None,
     ) -> None:
         mcfg = train_config.memory
         if feature_cache is not None and (
@@ -450,6 +454,9 @@ class Rollout:
         self.extract_action = extract_action
         self.candidate_actions = candidate_actions
         self.greedy = greedy
+        algo = train_config.algorithm
+        self.whole_episodes = algo.whole_episodes if episode_rows is None else episode_rows
+        self.group_size = algo.group_size if self.whole_episodes else 0
         self.feature_cache = feature_cache
         self.format_observation = format_observation or str
         self.system_prompt = system_prompt or envs[0].unwrapped.system_prompt
@@ -542,7 +549,7 @@ class Rollout:
         algo = self.train_config.algorithm
         mcfg = self.train_config.memory
         score = self.train_config.action_mode == "score"
-        whole = algo.whole_episodes
+        whole = self.whole_episodes
         active = np.ones(n, bool)
         valid = np.ones((n, t), bool)
         if whole:
@@ -648,7 +655,7 @@ class Rollout:
             fields["next_obs"] = _next_observations(
                 obs, next_view.obs, final_views, terminated | truncated
             )
-        g = algo.group_size
+        g = self.group_size
         return state, Trajectory(
             obs=obs,
             rewards=rewards,
@@ -665,8 +672,8 @@ class Rollout:
 
     def _reset_all(self) -> None:
         """Starts a fresh episode in every env (whole-episode rows); with groups of G rows
-        (``Algorithm.group_size``) the rows of a group share a seed."""
-        g = self.train_config.algorithm.group_size
+        (``Rollout.group_size``) the rows of a group share a seed."""
+        g = self.group_size
         n = len(self.envs)
         if g and n % g:
             raise ValueError(f"{n} envs cannot form groups of group_size={g}")

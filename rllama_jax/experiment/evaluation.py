@@ -81,7 +81,7 @@ def evaluate(
             max_actions=cfg.effective_max_actions, candidate_len=cfg.effective_candidate_len,
         ),
         seed=seed, extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
-        greedy=greedy,
+        greedy=greedy, episode_rows=False,  # independent episodes, whatever the algorithm
         feature_cache=feature_cache or build_feature_cache(cfg, train_config),
     )  # fmt: skip
     running = np.zeros(num_envs)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from rllama_jax.algos import ALGORITHMS, Algorithm, make_algorithm
+from rllama_jax.algos import Algorithm, make_algorithm
 from rllama_jax.heads import calibrate_head, init_head
 from rllama_jax.memory import MemoryConfig, MemoryState, init_memory, latent
 from rllama_jax.models import LlamaConfig, Params
@@ -79,8 +79,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str):
-            if self.algorithm not in ALGORITHMS:
-                raise ValueError(f"algorithm={self.algorithm!r} is not one of {ALGORITHMS}")
+            # make_algorithm names the registered algorithms (built-in and @register'ed)
+            # when the name is unknown.
             object.__setattr__(self, "algorithm", make_algorithm(self.algorithm))
         if not isinstance(self.algorithm, Algorithm):
             raise ValueError(f"algorithm must be an rllama_jax.algos.Algorithm or a name, got "
