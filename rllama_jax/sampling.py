@@ -26,7 +26,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rllama_jax.models import KVCache, LlamaConfig, Params, embed, forward, init_cache, lm_head
+from rllama_jax.models import (
+    NEG_INF,
+    KVCache,
+    LlamaConfig,
+    Params,
+    embed,
+    forward,
+    init_cache,
+    lm_head,
+)
 from rllama_jax.models.llama import positions_from_mask, unstack_cache, unstack_layers
 from rllama_jax.tokenization import bucket_length
 
@@ -46,7 +55,6 @@ __all__ = [
     "token_logprobs",
 ]
 
-_NEG_INF = -1e30
 # Top-p without top-k looks for the nucleus among this many highest logits (lax.top_k: ~9 ms
 # for 32 x 49k logits on a 2-core CPU) and, when some row's nucleus is larger, bisects for
 # the cutoff over the whole vocabulary (32 masked sums). A full sort, the textbook way, takes
@@ -171,7 +179,7 @@ def process_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
     logits = logits / sampling.temperature
     if sampling.top_k > 0 or sampling.top_p < 1.0:
         cutoff = _filter_cutoff(jax.lax.stop_gradient(logits), sampling)
-        logits = jnp.where(logits >= cutoff, logits, _NEG_INF)
+        logits = jnp.where(logits >= cutoff, logits, NEG_INF)
     return jax.nn.log_softmax(logits, axis=-1)
 
 

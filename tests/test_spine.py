@@ -826,6 +826,21 @@ def test_no_algorithm_name_branches_outside_algos():
     assert offenders == {}
 
 
+def test_one_minus_infinity_constant():
+    """Masked logits, scores and Q-values share ``rllama_jax.models.NEG_INF``: no module
+    writes its own large negative literal (attention used -1e30, the losses -1e9)."""
+    package = ROOT / "rllama_jax"
+    literals = {}
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+                    and isinstance(node.operand, ast.Constant)
+                    and isinstance(node.operand.value, float) and node.operand.value >= 1e8):  # fmt: skip
+                literals.setdefault(str(path.relative_to(ROOT)), []).append(node.lineno)
+    assert {k: len(v) for k, v in literals.items()} == {"rllama_jax/models/llama.py": 1}
+
+
 # ============================================================================ E. compile once
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_train_step_traces_once_per_algorithm(tiny, algo):

@@ -36,17 +36,14 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rllama_jax.models import NEG_INF  # masked logits / Q-values (re-exported here)
+
 Array = jax.Array
 Aggregation = Literal["token_mean", "sequence_mean", "sequence_sum"]
 KLEstimator = Literal["k1", "k2", "k3"]
 
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "sequence_mean", "sequence_sum")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
-
-# Finite stand-in for -inf on masked logits / Q-values. Finite so that `0 * NEG_INF` and
-# gradients stay finite; about -1e9 so that exp() underflows to exactly 0 in float32 and
-# bfloat16, and far below any realistic logit or Q-value.
-NEG_INF = -1e9
 
 
 # --------------------------------------------------------------------------------------

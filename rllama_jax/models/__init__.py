@@ -11,6 +11,7 @@ from rllama_jax.models.errors import (
     UnsupportedArchitectureError,
 )
 from rllama_jax.models.llama import (
+    NEG_INF,
     KVCache,
     ModelOutput,
     Params,
@@ -26,6 +27,7 @@ from rllama_jax.models.loading import DEFAULT_MODEL, Pretrained, load_pretrained
 
 __all__ = [
     "DEFAULT_MODEL",
+    "NEG_INF",
     "CheckpointError",
     "CorruptCheckpointError",
     "KVCache",

@@ -31,9 +31,13 @@ from rllama_jax.models.config import LlamaConfig, as_dtype
 
 Params = dict[str, Any]
 
-# Large negative logit for masked attention scores: finite, so a query whose keys are all
-# masked (a left-padding slot) gets a uniform softmax instead of NaN.
-_MASK_VALUE = -1e30
+# The one stand-in for minus infinity on masked scores, logits and Q-values, everywhere in
+# the library (attention, top-p sampling, invalid actions in the losses). Finite, so a row
+# whose entries are all masked gets a uniform softmax instead of NaN and ``0 * NEG_INF``
+# stays 0; exp() of it underflows to exactly 0 in float32 and bfloat16; far below any
+# realistic logit or Q-value. Masked entries enter only through softmax, max, argmax or a
+# zero weight, never squared.
+NEG_INF = -1e30
 
 
 @struct.dataclass
@@ -208,7 +212,7 @@ def attention(
     kv = "bksd" if heads_first else "bskd"
     scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(hd)
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
+    scores = jnp.where(allowed[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
