@@ -6,9 +6,9 @@ every algorithm must solve through the agent API (C), no algorithm-name branches
 Speed: the agent and the launcher are built from ONE set of settings (``experiment`` /
 ``agent_for``), so for a given (algorithm, mode, memory) they produce the same
 ``TrainConfig`` and the same trajectory shapes. Their acting function is then one jit cache
-entry, and their train steps (separate ``jax.jit`` objects) compile to the same XLA program,
-which this module's persistent compilation cache (a fresh temporary directory) compiles
-once. Score mode trains heads only (the frozen LLM's features are cached at acting time,
+entry (the launcher's train step, a separate ``jax.jit``, compiles its own copy: XLA's
+persistent compilation cache could share it, but reading executables back from it crashed
+the CPU runtime once in a full-suite run, so this module does not use it). Score mode trains heads only (the frozen LLM's features are cached at acting time,
 so the train step runs no LLM); generate mode trains LoRA adapters.
 """
 
@@ -174,29 +174,6 @@ def agent_for(cfg: ExperimentConfig, tiny, algorithm=None, **kw) -> ProbeAgent:
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """XLA's persistent compilation cache in a fresh directory while this module runs: the
-    agent's and the launcher's train steps for one setting are the same program, compiled
-    once (the launcher itself runs with this cache on). Restored afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.3)  # the act and train steps, not every small op
-    jax.config.update(names[2], -1)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The launcher's ``--model=tiny`` (random 2-layer Llama, SmolLM2 tokenizer), seed 0."""
@@ -871,3 +848,18 @@ def test_train_step_traces_once_per_algorithm(tiny, algo):
     assert int(agent.state.step) == 5
     assert len(traces) == 1
     assert agent._train_step._cache_size() == 1
+
+
+def test_equal_settings_share_one_compiled_train_step(tiny):
+    """The agent and the launcher on equal settings get the same jitted train step (so the
+    launcher after an agent, or a second agent, compiles nothing again); other settings
+    get their own."""
+    from rllama_jax.train import make_train_step
+
+    cfg = experiment("ppo", "score", "none")
+    agent = agent_for(cfg, tiny)
+    launcher = launcher_train_config(cfg, tiny[0], tiny[2])
+    assert launcher == agent.train_config
+    assert make_train_step(launcher, tiny[0]) is agent._train_step
+    other = dataclasses.replace(launcher, learning_rate=launcher.learning_rate * 2)
+    assert make_train_step(other, tiny[0]) is not agent._train_step

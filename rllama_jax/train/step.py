@@ -26,6 +26,7 @@ gradients add up to the minibatch's (``minibatch_gradient`` inside ``_on_policy_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -179,7 +180,28 @@ def make_train_step(
     shard_minibatch: applied to every gathered minibatch (e.g. a sharding constraint keeping
     it split over the data axes of a mesh; ``rllama_jax.distributed`` passes one).
     To change a loss, subclass the algorithm (``rllama_jax.algos``) and override ``loss``.
+
+    Equal ``(config, model_config)`` give the same jitted step (the last 16 kept), so a
+    second agent, or the launcher after an agent, on the same settings reuses its compiled
+    program instead of compiling it again.
     """
+    if jit and shard_minibatch is None:
+        return _shared_step(config, model_config)
+    return _build_step(config, model_config, jit=jit, shard_minibatch=shard_minibatch)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_step(config: TrainConfig, model_config: LlamaConfig) -> DonatingStep:
+    return _build_step(config, model_config, jit=True, shard_minibatch=None)
+
+
+def _build_step(
+    config: TrainConfig,
+    model_config: LlamaConfig,
+    *,
+    jit: bool,
+    shard_minibatch: Callable[[Any], Any] | None,
+) -> Callable[[TrainState, Trajectory], tuple[TrainState, Metrics]]:
     optimizer = make_optimizer(config)
     constrain = shard_minibatch or (lambda tree: tree)
     build = _off_policy_step if config.off_policy else _on_policy_step
