@@ -22,6 +22,22 @@ SMALL_RUN = dict(
 )  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Drops every compiled program after each test module. Each XLA CPU executable holds
+    about six memory mappings, and the whole suite compiles thousands of programs in one
+    process: past the kernel's ``vm.max_map_count`` (65,530 here) the compiler's next mmap
+    fails and the process dies with a segmentation fault (it did, twice, inside
+    test_spine.py, which passes when run alone)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def launcher_flags(**kw) -> list[str]:
     """``--name=value`` flags of the launcher."""
     return [f"--{k}={v}" for k, v in kw.items()]
