@@ -401,6 +401,39 @@ def test_grpo_loss_matches_loop_reference(aggregation, on_policy):
     )
 
 
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean"])
+def test_grpo_entropy_bonus_is_aggregated_like_the_surrogate(aggregation):
+    """loss(ent_coef=c, H) = loss(no bonus) - c * agg(H) with the same per-sequence weights,
+    and its gradient w.r.t. H is -c * those weights (a bonus summed over tokens would differ
+    under sequence_mean, where rows have different lengths)."""
+    rng = np.random.default_rng(11)
+    batch, time = 6, 5
+    logp = f32(rng.normal(-1.5, 0.5, (batch, time)))
+    adv = grpo.group_advantages(f32(rng.normal(size=batch)), group_size=3)
+    mask = random_mask(rng, (batch, time))
+    mask[1, 2:] = 0.0  # rows of different lengths
+    entropy = f32(rng.uniform(0.1, 1.0, (batch, time)))
+    base = grpo.GRPOConfig(beta=0.0, aggregation=aggregation)
+    bonus = grpo.GRPOConfig(beta=0.0, aggregation=aggregation, ent_coef=0.3)
+    loss0, _ = grpo.grpo_loss(logp, adv, f32(mask), config=base)
+    loss1, metrics = grpo.grpo_loss(logp, adv, f32(mask), config=bonus, entropy=entropy)
+    weights = np.where(mask > 0, 1.0, 0.0)
+    if aggregation == "token_mean":
+        weights = weights / weights.sum()
+    else:
+        rows = weights.sum(1) > 0
+        weights = weights / np.maximum(weights.sum(1, keepdims=True), 1) / rows.sum()
+    agg_h = float((np.asarray(entropy) * weights).sum())
+    assert float(metrics["entropy"]) == pytest.approx(agg_h, abs=1e-6)
+    assert float(loss1) == pytest.approx(float(loss0) - 0.3 * agg_h, abs=1e-6)
+    grad_h = jax.grad(lambda h: grpo.grpo_loss(logp, adv, f32(mask), config=bonus, entropy=h)[0])(
+        entropy
+    )
+    assert_close(grad_h, -0.3 * weights, 1e-7)
+    with pytest.raises(ValueError, match="entropy"):
+        grpo.grpo_loss(logp, adv, f32(mask), config=bonus)
+
+
 # ---------------------------------------------------------------------------------------
 # DQN
 # ---------------------------------------------------------------------------------------

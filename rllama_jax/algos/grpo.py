@@ -4,7 +4,7 @@ The rollout lays out one episode per row in groups of ``group_size`` rows that s
 the same seed. Each row's advantage is its episode return standardised within its group,
 spread over all its turns (or reply tokens); then ``epochs`` passes of
 
-    loss = clipped surrogate(ratio, advantage) + kl_coef * KL(pi || ref)
+    loss = clipped surrogate(ratio, advantage) + kl_coef * KL(pi || ref) - ent_coef * entropy
 
 aggregated per sequence as in the paper. A group whose rows cannot share a start state
 (the agent's single-env loop, where the user steps the environment) is the batch: the
@@ -29,7 +29,10 @@ from rllama_jax.trajectory import Trajectory
 class GRPO(Algorithm):
     """group_size: rows per group (>= 2); clip_eps: ratio clip; epochs: passes over each
     trajectory; kl_coef: the paper's beta (0: no reference kept); kl_estimator: generate
-    mode's per-token estimator; aggregation: "sequence_mean" (paper) or "token_mean"."""
+    mode's per-token estimator; aggregation: "sequence_mean" (paper) or "token_mean";
+    ent_coef: entropy bonus (not in the paper; 0 there). Without it a policy that turns
+    deterministic plays every row of a group alike, every group advantage is 0 and, with
+    the exact score-mode KL whose gradient vanishes at a one-hot policy, learning stops."""
 
     name: ClassVar[str] = "grpo"
     whole_episodes: ClassVar[bool] = True
@@ -40,6 +43,7 @@ class GRPO(Algorithm):
     kl_coef: float = 0.04
     kl_estimator: str = "k3"
     aggregation: str = "sequence_mean"
+    ent_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -68,10 +72,11 @@ class GRPO(Algorithm):
     def loss(self, x: LossInputs) -> tuple[jax.Array, Metrics]:
         config = GRPOConfig(
             clip_eps=self.clip_eps, beta=self.kl_coef, kl_estimator=self.kl_estimator,
-            aggregation=self.aggregation,
+            aggregation=self.aggregation, ent_coef=self.ent_coef,
         )  # fmt: skip
         return grpo_loss(
             x.logp, x.advantages, x.mask, old_logp=x.old_logp,
             ref_logp=x.ref_logp if self.needs_reference else None,
             kl=x.kl if self.needs_reference else None, config=config,
+            entropy=x.entropy if self.ent_coef else None,
         )  # fmt: skip

@@ -43,6 +43,7 @@ class GRPOConfig:
     beta: float = struct.field(pytree_node=False, default=0.04)
     kl_estimator: KLEstimator = struct.field(pytree_node=False, default="k3")
     aggregation: Aggregation = struct.field(pytree_node=False, default="sequence_mean")
+    ent_coef: float = struct.field(pytree_node=False, default=0.0)
 
 
 def group_advantages(
@@ -106,8 +107,9 @@ def grpo_loss(
     ref_logp: Array | None = None,
     config: GRPOConfig | None = None,
     kl: Array | None = None,
+    entropy: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """GRPO loss: per-token `-min(r A, clip(r) A) + beta * KL_k3`, aggregated.
+    """GRPO loss: per-token `-min(r A, clip(r) A) + beta * KL - ent_coef * H`, aggregated.
 
     Args:
       logp: `[B, T]` log pi_theta of the episode's tokens/actions.
@@ -119,10 +121,13 @@ def grpo_loss(
       config: `GRPOConfig`; `None` for the defaults.
       kl: `[B, T]` per-position KL(pi || pi_ref) known exactly, used instead of the
         estimator on `ref_logp`.
+      entropy: `[B, T]` entropy of the policy at each position; with `config.ent_coef > 0`
+        its bonus keeps a group's rows from all playing alike (the exact KL's gradient
+        vanishes once the policy is deterministic, and so does every group advantage).
 
     Returns:
       `(loss, metrics)`; metrics: loss, policy_loss, kl_ref, approx_kl, clip_fraction,
-      ratio_mean.
+      ratio_mean, and entropy when given.
     """
     config = GRPOConfig() if config is None else config
     advantages = broadcast_to_tokens(advantages, logp)
@@ -140,8 +145,16 @@ def grpo_loss(
     else:
         per_token_kl = kl_estimate(logp, jax.lax.stop_gradient(ref_logp), config.kl_estimator)
     # One aggregation of the summed per-token loss, as in the paper.
-    loss = masked_mean(per_token_pg + config.beta * per_token_kl, mask, config.aggregation)
+    per_token = per_token_pg + config.beta * per_token_kl
+    extra = {}
+    if entropy is not None:
+        per_token = per_token - config.ent_coef * entropy
+        extra["entropy"] = masked_mean(entropy, mask, config.aggregation)
+    elif config.ent_coef:
+        raise ValueError("GRPOConfig.ent_coef > 0 needs the policy's entropy")
+    loss = masked_mean(per_token, mask, config.aggregation)
     metrics = {
+        **extra,
         "loss": loss,
         "policy_loss": masked_mean(per_token_pg, mask, config.aggregation),
         "kl_ref": masked_mean(per_token_kl, mask, config.aggregation),
