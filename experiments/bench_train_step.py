@@ -302,12 +302,12 @@ def jax_case(case: str, s: dict) -> dict[str, Any]:
     step = make_train_step(cfg, config)
 
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.compile(state, batch)
     compile_s = time.perf_counter() - start
     out: dict[str, Any] = {"compile_s": compile_s, "trainable_params": int(n_trainable)}
     if s["hlo_stats"]:
-        out.update(hlo_stats(compiled))
-    mem = compiled.memory_analysis()
+        out.update(hlo_stats(compiled.executable))
+    mem = compiled.executable.memory_analysis()
     if mem is not None:
         out["xla_temp_gib"] = mem.temp_size_in_bytes / 2**30
         need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / 2**30

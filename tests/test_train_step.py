@@ -313,6 +313,30 @@ def test_train_step_traces_once(algo):
     assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
 
 
+def test_ahead_of_time_compiled_step_matches_the_jitted_step():
+    """``make_train_step(...).compile(state, batch)`` (what the benchmarks time) is called
+    like the step and gives the same update; calling it twice works (it was called with the
+    jitted function's three internal arguments before, and failed)."""
+    cfg, state_a, step = make("ppo", epochs=1)
+    _, state_b, _ = make("ppo", epochs=1)
+    which = np.array([[0], [1], [0], [1]])
+    batch = Batch(
+        obs=observation(which), actions=jnp.asarray([[0], [1], [1], [0]]),
+        rewards=jnp.asarray([[1.0], [0.0], [0.5], [1.0]]),
+        terminated=jnp.ones((4, 1), bool), truncated=jnp.zeros((4, 1), bool),
+        valid=jnp.ones((4, 1), bool), old_logp=jnp.full((4, 1), -0.69),
+        old_values=jnp.zeros((4, 1)), final_values=jnp.zeros((4, 1)),
+        bootstrap_value=jnp.zeros(4),
+    )  # fmt: skip
+    compiled = step.compile(state_b, batch)
+    for _ in range(2):
+        state_a, metrics_a = step(state_a, batch)
+        state_b, metrics_b = compiled(state_b, batch)
+    chex.assert_trees_all_close(state_a.trainable, state_b.trainable, rtol=0, atol=0)
+    assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+    assert state_b.frozen is not None and int(state_b.step) == 2
+
+
 def test_lora_changes_only_adapters_and_merge_matches():
     cfg, state, step = make("ppo", lr=1e-2)
     frozen_before = jax.tree.map(np.asarray, state.frozen)

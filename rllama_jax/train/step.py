@@ -232,8 +232,24 @@ class DonatingStep:
         """``jax.jit(...).lower`` of the step on these arguments (for AOT and cost analysis)."""
         return self.jitted.lower(state.replace(frozen={}), state.frozen, batch)
 
+    def compile(self, state: TrainState, batch: Any) -> CompiledStep:
+        """The step compiled ahead of time for these shapes, called like the step itself."""
+        return CompiledStep(self.lower(state, batch).compile())
+
     def _cache_size(self) -> int:
         return self.jitted._cache_size()
+
+
+class CompiledStep:
+    """``DonatingStep.compile``'s result: ``(state, batch) -> (state, metrics)`` on one
+    compiled executable (``executable``: for cost and memory analysis)."""
+
+    def __init__(self, executable: Any) -> None:
+        self.executable = executable
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+        new, metrics = self.executable(state.replace(frozen={}), state.frozen, batch)
+        return new.replace(frozen=state.frozen), metrics
 
 
 def exact_kl(log_probs: jax.Array, ref_log_probs: jax.Array, mask: jax.Array) -> jax.Array:
