@@ -63,11 +63,13 @@ def train_loop(
     start: int = 0,
     on_update: Callable[[LoopRecord, TrainState], Any] | None = None,
     before_train: Callable[[int], Any] | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> TrainState:
     """Runs updates ``start + 1 .. num_updates``: collect with ``rollout``, ``learn``, then
     ``on_update(record, state)`` (logging, evaluation, checkpoints).
 
     before_train(update): called between collecting and learning (e.g. fault injection).
+    stop(update): called after ``on_update``; True ends the loop there (a time budget).
     """
     config = rollout.train_config
     for update in range(start, num_updates):
@@ -80,4 +82,6 @@ def train_loop(
         t2 = time.perf_counter()
         if on_update is not None:
             on_update(LoopRecord(update + 1, metrics, t1 - t0, t2 - t1, traj), state)
+        if stop is not None and stop(update + 1):
+            break
     return state

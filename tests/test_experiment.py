@@ -144,3 +144,44 @@ def test_smoke_ablation_writes_reports_and_resumes(tmp_path):
     assert f"| {rows[0]['setting']} |" not in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="no finished cell"):
         run_preset("smoke", str(tmp_path / "empty"), log=lambda *_: None, report_only=True)
+
+
+def test_max_minutes_stops_after_the_update_that_spends_it_and_resume_goes_on(tmp_path):
+    """A budget too small for one update stops after update 1 of 4 with what a finished
+    run leaves (evaluation, checkpoint, summary); resuming without it trains to the end."""
+    cfg = ExperimentConfig(**SMALL, workdir=str(tmp_path), max_minutes=1e-6)
+    logged: list[str] = []
+    result = run_experiment(cfg, progress=False, log=logged.append)
+    assert result.updates == 1 and result.env_steps == 16
+    assert any("stopped by --max_minutes" in line for line in logged)
+    assert [r["update"] for r in read_records(cfg.workdir)] == [1]
+    assert "eval_return" in read_records(cfg.workdir)[0]
+    assert RunCheckpointer(cfg.workdir).latest_step() == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["updates"] == 1
+    result = run_experiment(cfg.replace(max_minutes=0.0), progress=False, log=lambda *_: None)
+    assert result.updates == 4 and result.env_steps == 64
+    with pytest.raises(ValueError, match="max_minutes must be >= 0"):
+        cfg.replace(max_minutes=-1.0).validate()
+
+
+def test_bf16_precision_keeps_float32_masters_and_resumes_with_its_dtypes(tmp_path):
+    """--precision=bf16: the frozen LLM is stored in bfloat16, the trained adapters, heads
+    and optimizer state in float32, the run trains (parameters move, metrics finite), and
+    its checkpoint restores into the same dtypes."""
+    cfg = ExperimentConfig(**{**SMALL, "total_steps": 32}, workdir=str(tmp_path),
+                           precision="bf16")  # fmt: skip
+    run_experiment(cfg, progress=False, log=lambda *_: None)
+    _, model_config, _, _, state = load_run(cfg.workdir)
+    assert model_config.dtype == "bfloat16"
+    frozen = {x.dtype for x in jax.tree.leaves(state.frozen) if hasattr(x, "dtype")}
+    trained = {x.dtype for x in jax.tree.leaves((state.trainable, state.opt_state))
+               if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)}  # fmt: skip
+    assert frozen == {np.dtype(jax.numpy.bfloat16)} and trained == {np.dtype(np.float32)}
+    assert all(np.isfinite(r["loss"]) for r in read_records(cfg.workdir))
+    assert int(state.skipped) == 0 and int(state.step) > 0
+    first = load_run(cfg.workdir, step=1)[-1]  # the checkpoint after update 1 of 2
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(first.trainable),
+                               jax.tree.leaves(state.trainable), strict=True))  # fmt: skip
+    with pytest.raises(ValueError, match="precision"):
+        cfg.replace(precision="fp16").validate()

@@ -176,7 +176,7 @@ class ExperimentConfig:
     clip_eps: float = _field(0.2, "PPO/GRPO ratio clip.")
     ent_coef: float = _field(
         0.03,
-        "Entropy bonus (PPO, A2C, REINFORCE); generate mode: the token-level entropy of the "
+        "Entropy bonus (PPO, A2C, REINFORCE, GRPO); generate mode: the token-level entropy of the "
         "untruncated distribution.",
     )
     normalize_advantages: bool = _field(
@@ -214,6 +214,19 @@ class ExperimentConfig:
     top_p: float = _field(0.6, "Nucleus sampling mass.")
     # Bookkeeping.
     seed: int = _field(0, "Seed of parameters, envs and sampling.")
+    precision: str = _field(
+        "fp32",
+        "fp32, or bf16: bfloat16 matmuls (forward and backward) with float32 master weights, "
+        "optimizer state, norms, softmax and losses; frozen weights stored in bfloat16. For "
+        "GPUs and TPUs; on CPU float32 is the fast dtype.",
+        ("fp32", "bf16"),
+    )
+    max_minutes: float = _field(
+        0.0,
+        "Stop after the update during which this much wall time has passed (then evaluate, "
+        "checkpoint and summarise as at --total_steps); resuming continues with a fresh "
+        "budget. 0: no limit.",
+    )
     workdir: str = _field("", "Run directory (metrics, checkpoints, plots); resumed if present.")
     eval_every: int = _field(64, "Greedy evaluation every this many updates (0: only at the end).")
     eval_episodes: int = _field(256, "Episodes per evaluation.")
@@ -260,10 +273,10 @@ class ExperimentConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raises ``ValueError`` with a one-line reason for an invalid combination."""
-        for name in ("algo", "action_mode", "trainable", "memory", "memory_mode"):
-            choices = _choices(name)
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {choices}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name}={getattr(self, f.name)!r} is not one of {choices}")
         algo = algorithm_class(self.algo)
         if self.action_mode not in algo.modes:
             raise ValueError(
@@ -313,6 +326,8 @@ class ExperimentConfig:
             )
         if self.microbatch_rows < 0:
             raise ValueError(f"--microbatch_rows must be >= 0, got {self.microbatch_rows}")
+        if self.max_minutes < 0:
+            raise ValueError(f"--max_minutes must be >= 0, got {self.max_minutes}")
         rows = self.steps_per_batch // self.minibatches
         if (
             not algo.off_policy
@@ -367,7 +382,8 @@ class ExperimentConfig:
 # Settings a resumed run may change without breaking the experiment it continues.
 RESUMABLE_CHANGES = frozenset(
     {"total_steps", "workdir", "eval_every", "eval_episodes", "eval_envs", "checkpoint_every",
-     "keep_checkpoints", "wandb_project", "feature_cache", "remat", "microbatch_rows"}
+     "keep_checkpoints", "wandb_project", "feature_cache", "remat", "microbatch_rows",
+     "max_minutes"}
 )  # fmt: skip
 
 
@@ -392,10 +408,3 @@ _ALGORITHM_FLAGS = frozenset(
     for name in (f.name for f in dataclasses.fields(cls))
     if name in {f.name for f in dataclasses.fields(ExperimentConfig)}
 )
-
-
-def _choices(name: str) -> tuple[str, ...]:
-    for f in dataclasses.fields(ExperimentConfig):
-        if f.name == name:
-            return f.metadata["choices"]
-    raise KeyError(name)

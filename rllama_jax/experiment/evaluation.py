@@ -38,6 +38,12 @@ class EvalResult:
         return float(np.mean(self.returns))
 
     @property
+    def success(self) -> float:
+        """Fraction of episodes with a positive return: the success rate where only reaching
+        the goal pays (BabyAI, T-maze, the keyed bandit), the win rate in Blackjack."""
+        return float(np.mean(self.returns > 0))
+
+    @property
     def se(self) -> float:
         n = len(self.returns)
         return float(np.std(self.returns, ddof=1) / math.sqrt(n)) if n > 1 else 0.0

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rllama_jax.distributed.precision import apply_precision, compute_config
 from rllama_jax.experiment.build import (
     FEATURE_CACHE_FILE,
     check_env,
@@ -132,6 +133,7 @@ def run_experiment(
         model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
     except (OSError, CheckpointError) as err:
         raise RunError(f"--model={cfg.model}: {err}") from err
+    model_config = compute_config(model_config, cfg.precision)
     os.makedirs(cfg.workdir, exist_ok=True)
     cfg.save(cfg.workdir)
     tcfg = train_config(cfg, model_config, tokenizer)
@@ -150,6 +152,7 @@ def run_experiment(
         replay_example=example,
     )  # fmt: skip
     del params  # the state holds what it needs
+    state = apply_precision(state, cfg.precision)
     train_step = make_train_step(tcfg, model_config)
     if cfg.trainable != "heads":  # steps through the LLM: refuse one that cannot fit
         try:
@@ -184,7 +187,9 @@ def run_experiment(
     total = cfg.num_updates
     bar = tqdm(total=total * cfg.steps_per_batch, initial=env_steps, unit="step",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
-    progress_state: dict[str, Any] = {"compile_seconds": 0.0, "last_eval": None}
+    progress_state: dict[str, Any] = {"compile_seconds": 0.0, "last_eval": None,
+                                      "out_of_time": False}  # fmt: skip
+    budget_start = time.monotonic()
 
     def kill_before_train(update: int) -> None:
         if sigkill_at_update and update == sigkill_at_update:
@@ -211,10 +216,16 @@ def run_experiment(
             "steps_per_second": cfg.steps_per_batch / seconds,
             **rec.metrics,
         }
-        done = rec.update == total
+        out_of_time = bool(cfg.max_minutes) and (
+            time.monotonic() - budget_start >= 60.0 * cfg.max_minutes
+        )
+        progress_state["out_of_time"] = out_of_time
+        progress_state["updates"] = rec.update
+        done = rec.update == total or out_of_time
         if done or (cfg.eval_every and rec.update % cfg.eval_every == 0):
             progress_state["last_eval"] = result = run_eval()
             record["eval_return"], record["eval_return_se"] = result.mean, result.se
+            record["eval_success"] = result.success
         writer.write(record)
         if done or (cfg.checkpoint_every and rec.update % cfg.checkpoint_every == 0):
             checkpointer.save(rec.update, state, host_snapshot(rec.update))
@@ -228,19 +239,22 @@ def run_experiment(
 
     state = train_loop(
         rollout, state, train_step, total, start=start, on_update=on_update,
-        before_train=kill_before_train,
+        before_train=kill_before_train, stop=lambda _: progress_state["out_of_time"],
     )  # fmt: skip
     compile_seconds = progress_state["compile_seconds"]
     last_eval = progress_state["last_eval"]
     bar.close()
     if last_eval is None:  # resumed a finished run: evaluate what it holds
         last_eval = run_eval()
+    updates = progress_state.get("updates", start)
+    if progress_state["out_of_time"]:
+        log(f"stopped by --max_minutes={cfg.max_minutes:g} after update {updates} of {total}")
     checkpointer.close()
     writer.close()
     if features is not None:  # lets experiments/evaluate.py start with what the run saw
         features.save(os.path.join(cfg.workdir, FEATURE_CACHE_FILE))
     result = RunResult(
-        workdir=cfg.workdir, updates=total, env_steps=env_steps,
+        workdir=cfg.workdir, updates=updates, env_steps=env_steps,
         episodes=rollout.episodes.count, train_return=rollout.episodes.mean(RECENT_EPISODES),
         eval_return=last_eval.mean, eval_return_se=last_eval.se, seconds=elapsed,
         compile_seconds=compile_seconds,
@@ -262,12 +276,14 @@ def load_run(workdir: str, step: int | None = None):
     """``(cfg, model_config, tokenizer, train_config, state)`` of a run's checkpoint."""
     cfg = ExperimentConfig.load(workdir).replace(workdir=workdir)
     model_config, params, tokenizer = load_model(cfg.model, cfg.seed)
+    model_config = compute_config(model_config, cfg.precision)
     tcfg = train_config(cfg, model_config, tokenizer)
     example = transitions_example(tcfg, rollout_config(cfg), model_config)
     state = init_train_state(
         tcfg, model_config, params, jax.random.key(cfg.seed), num_envs=cfg.num_envs,
         replay_example=example,
     )  # fmt: skip
+    state = apply_precision(state, cfg.precision)
     checkpointer = RunCheckpointer(workdir)
     state, _ = checkpointer.restore(state, step)
     checkpointer.close()
