@@ -49,7 +49,7 @@ from rllama_jax.memory import (
 )
 from rllama_jax.memory.prompt import ENTRY_END
 from rllama_jax.models import LlamaConfig
-from rllama_jax.sampling import generate, prefill
+from rllama_jax.sampling import build_prefix, generate, prefill
 from rllama_jax.tokenization import (
     chat_token_ids,
     decode_responses,
@@ -172,11 +172,19 @@ def act(
         if config.caches_features:  # frozen LLM: the train step reuses what it said here
             obs = obs.replace(features=ev.features)
         return ActOutput(obs, actions, None, None, logp, ev.values, keys)
-    gen = generate(
-        model, model_config, obs.prompt_tokens, obs.prompt_mask, key,
-        dataclasses.replace(config.sampling, temperature=0.0) if greedy else config.sampling,
-        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
-    )  # fmt: skip
+    sampling = dataclasses.replace(config.sampling, temperature=0.0) if greedy else config.sampling
+    p = config.prefix_len
+    if p:  # the shared system prompt once for all rows (as in score mode)
+        prefix = build_prefix(model, model_config, obs.prompt_tokens[0, :p])
+        gen = generate(
+            model, model_config, obs.prompt_tokens[:, p:], obs.prompt_mask[:, p:], key,
+            sampling, prefix=prefix,
+        )  # fmt: skip
+    else:
+        gen = generate(
+            model, model_config, obs.prompt_tokens, obs.prompt_mask, key, sampling,
+            prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+        )  # fmt: skip
     heads = trainable["heads"]
     values = (
         apply_head(heads["value"], gen.last_hidden)[..., 0]

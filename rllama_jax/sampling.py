@@ -457,11 +457,15 @@ def sequence_logprobs(
     prompt_embeds: jax.Array | None = None,
     remat: bool = False,
     with_entropy: bool = False,
+    prefix: PrefixCache | None = None,
 ) -> tuple[jax.Array, ...]:
     """Recomputes response log-probs with one full forward pass (what a loss differentiates).
 
     prompt_*: [B, L] left-padded; response_*: [B, N]; prompt_embeds: optional [B, L, D]
-    input embeddings of the prompt; remat: rematerialise layers when differentiated
+    input embeddings of the prompt; prefix: the shared-prefix cache the rows continue (their
+    prompt then holds only what follows it; ``build_prefix`` inside the differentiated
+    function gives the gradient through the prefix, once for all rows); remat: rematerialise
+    layers when differentiated
     (``models.llama.forward``). The LM head runs at the N positions that predict the reply
     only, never over the prompt. Returns (logprobs [B, N] under the policy of ``sampling``
     (``policy_log_softmax``: temperature-scaled, not top-p filtered), zero where
@@ -472,7 +476,15 @@ def sequence_logprobs(
     tokens = jnp.concatenate([prompt_tokens, response_tokens], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), response_mask.astype(bool)], axis=1)
     positions = positions_from_mask(mask)
-    if prompt_embeds is None:
+    if prefix is not None:
+        if prompt_embeds is not None:
+            raise ValueError("sequence_logprobs: prompt_embeds with a shared prefix")
+        cache, p = _start_cache(config, tokens.shape[0], tokens.shape[1], prefix)
+        out = forward(
+            params, config, tokens, positions_from_mask(mask, p), mask, cache,
+            compute_logits=False, remat=remat,
+        )  # fmt: skip
+    elif prompt_embeds is None:
         out = forward(params, config, tokens, positions, mask, compute_logits=False, remat=remat)
     else:
         response_embeds = embed(params, response_tokens, config)

@@ -99,8 +99,10 @@ def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
     env = gym.make("rllama/Blackjack-v0")
     p = shared_prefix_length(tok, env.unwrapped.system_prompt)
     assert p > 50  # the system prompt is most of a Blackjack prompt
-    with pytest.raises(ValueError, match="needs action_mode='score'"):
-        TrainConfig(action_mode="generate", prefix_len=p)
+    from rllama_jax.memory import MemoryConfig
+
+    with pytest.raises(ValueError, match="needs no memory"):
+        TrainConfig(prefix_len=p, memory=MemoryConfig(mode="working"))
     base = TrainConfig(algorithm="ppo", trainable="lora")
     shared = base.replace(prefix_len=p)
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(3)]

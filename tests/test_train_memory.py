@@ -160,8 +160,60 @@ def assert_gradients_close(a, b, rel):
     jax.tree.map(check, a, b)
 
 
+# ------------------------------------------------------------------ shared prefix
+def test_generate_mode_shared_prefix_equals_the_unshared_computation():
+    """Generate mode with ``prefix_len``: the prefix's keys/values run once (batch 1, with
+    gradients through LoRA) and every row continues it. Reply log-probs, entropies, values
+    and the gradients of a PPO-like loss w.r.t. adapters and heads equal those of the same
+    [prefix | pad | rest] rows run whole (1e-5); acting (greedy generation) writes the same
+    reply tokens with the same log-probs."""
+    from rllama_jax.rollout import act
+
+    unshared = config("ppo", "generate")
+    shared = unshared.replace(prefix_len=P)
+    state = state_for(unshared)
+    heads = {"value": jax.tree.map(lambda x: x + 0.3, state.trainable["heads"]["value"])}
+    trainable = {**state.trainable, "heads": heads}
+    rng = np.random.default_rng(5)
+    obs = observation(rng, 6, prefix=True, score=False)
+    resp = jnp.asarray(rng.integers(4, 60, (6, R)), jnp.int32)
+    rmask = jnp.asarray(np.arange(R)[None] < rng.integers(1, R + 1, (6, 1)))
+    adv = jnp.asarray(rng.normal(size=6), jnp.float32)
+
+    def outputs(trainable, cfg):
+        model = policy_params(trainable, state.frozen, cfg)
+        return evaluate_generate(model, trainable["heads"], obs, resp, rmask, MODEL, cfg)
+
+    def loss(trainable, cfg):
+        ev = outputs(trainable, cfg)
+        pg = -jnp.sum(ev.token_logp * adv[:, None]) / jnp.sum(rmask)
+        return pg - 0.01 * jnp.mean(ev.entropy) + jnp.mean(ev.values**2)
+
+    a, b = outputs(trainable, unshared), outputs(trainable, shared)
+    for x, y in [(a.token_logp, b.token_logp), (a.entropy, b.entropy), (a.values, b.values)]:
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g0, g1 = grad(trainable, unshared), grad(trainable, shared)
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g0["lora"]))
+    assert_gradients_close(g1, g0, rel=1e-5)
+    # Acting: the same greedy replies (same tokens, log-probs within float32 rounding).
+    s = state.replace(trainable=trainable)
+    outs = [
+        act(s.trainable, s.frozen, s.memory, obs, jnp.zeros(6, jnp.int32), jax.random.key(0),
+            MODEL, cfg.replace(sampling=SamplingConfig(max_new_tokens=R, temperature=1.0,
+                                                       top_p=1.0)), greedy=True)
+        for cfg in (unshared, shared)
+    ]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(outs[0].response_tokens),
+                                  np.asarray(outs[1].response_tokens))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(outs[1].logp), np.asarray(outs[0].logp), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(outs[1].values), np.asarray(outs[0].values), atol=1e-5)
+
+
 # ------------------------------------------------------------------ rematerialisation
-@pytest.mark.parametrize("mode,prefix", [("score", False), ("score", True), ("generate", False)])
+@pytest.mark.parametrize(
+    "mode,prefix", [("score", False), ("score", True), ("generate", False), ("generate", True)]
+)
 def test_remat_same_loss_and_gradients(mode, prefix):
     """PPO with LoRA: the loss's forward with and without jax.checkpoint on the layers gives
     the same loss and the same gradients (relative 1e-6: the same float32 operations)."""
@@ -227,6 +279,7 @@ CASES = [
     ("ppo", "score", 0),
     ("ppo", "score", P),
     ("ppo", "generate", 0),
+    ("ppo", "generate", P),
     ("a2c", "score", 0),
     ("grpo", "generate", 0),
 ]

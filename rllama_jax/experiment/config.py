@@ -132,7 +132,9 @@ class ExperimentConfig:
     max_actions: int = _field(0, "Candidate slots (score mode); 0: the env preset's.")
     candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
     share_prefix: bool = _field(
-        True, "Score mode without memory: run the shared system prompt once per call."
+        True,
+        "Without memory: run the shared system prompt once per call (acting and training, "
+        "score and generate mode).",
     )
     feature_cache: int = _field(
         65536,

@@ -183,18 +183,20 @@ def evaluate_generate(
 
     adapter: latent-memory adapter parameters, needed when ``obs`` has soft-prompt slots.
     remat: see ``evaluate_score``."""
-    logp, hidden, entropy = sequence_logprobs(
-        model,
-        model_config,
-        obs.prompt_tokens,
-        obs.prompt_mask,
-        response_tokens,
-        response_mask,
-        config.sampling,
-        prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
-        remat=remat,
-        with_entropy=True,
-    )
+    p = config.prefix_len
+    if p:  # every row starts with the same p tokens: run them once (see TrainConfig)
+        logp, hidden, entropy = sequence_logprobs(
+            model, model_config, obs.prompt_tokens[:, p:], obs.prompt_mask[:, p:],
+            response_tokens, response_mask, config.sampling, remat=remat, with_entropy=True,
+            prefix=build_prefix(model, model_config, obs.prompt_tokens[0, :p], remat),
+        )  # fmt: skip
+    else:
+        logp, hidden, entropy = sequence_logprobs(
+            model, model_config, obs.prompt_tokens, obs.prompt_mask, response_tokens,
+            response_mask, config.sampling,
+            prompt_embeds=prompt_embeddings(model, adapter, obs, model_config),
+            remat=remat, with_entropy=True,
+        )  # fmt: skip
     values = (
         apply_head(heads["value"], hidden)[..., 0]
         if "value" in heads
