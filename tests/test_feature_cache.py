@@ -99,10 +99,12 @@ def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
     env = gym.make("rllama/Blackjack-v0")
     p = shared_prefix_length(tok, env.unwrapped.system_prompt)
     assert p > 50  # the system prompt is most of a Blackjack prompt
-    from rllama_jax.memory import MemoryConfig
+    from rllama_jax.memory import MemoryConfig, WorkingConfig
 
     with pytest.raises(ValueError, match="needs no memory"):
-        TrainConfig(prefix_len=p, memory=MemoryConfig(mode="working"))
+        TrainConfig(
+            prefix_len=p, memory=MemoryConfig(mode="working", working=WorkingConfig(4, 8, 32))
+        )
     base = TrainConfig(algorithm="ppo", trainable="lora")
     shared = base.replace(prefix_len=p)
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(3)]
