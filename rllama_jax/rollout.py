@@ -139,10 +139,25 @@ def act(
             "init_train_state for this TrainConfig"
         )
     query = None
+    p = config.prefix_len  # the shared system prompt, once for all rows (see TrainConfig)
+    prefix = build_prefix(model, model_config, obs.prompt_tokens[0, :p]) if p else None
     if mcfg.enabled:
-        hidden, _, _, _ = prefill(model, model_config, obs.prompt_tokens, obs.prompt_mask, 0)
+        hidden, _, _, _ = prefill(
+            model, model_config, obs.prompt_tokens[:, p:], obs.prompt_mask[:, p:], 0, prefix
+        )
         query = hidden.astype(jnp.float32)
-        if mcfg.latent_enabled:
+        if p:  # text memory goes right after the shared prefix (insert_at == p)
+            tokens, mask = augment_prompt(
+                memory, mcfg, obs.prompt_tokens[:, p:], obs.prompt_mask[:, p:], insert_at - p,
+                query,
+            )  # fmt: skip
+            obs = obs.replace(
+                prompt_tokens=jnp.concatenate([obs.prompt_tokens[:, :p], tokens], axis=1),
+                prompt_mask=jnp.concatenate(
+                    [obs.prompt_mask[:, :p], mask.astype(obs.prompt_mask.dtype)], axis=1
+                ),
+            )
+        elif mcfg.latent_enabled:
             tokens, mask, slots, read = splice_soft_slots(
                 memory, mcfg, obs.prompt_tokens, obs.prompt_mask, insert_at, query
             )
@@ -173,9 +188,7 @@ def act(
             obs = obs.replace(features=ev.features)
         return ActOutput(obs, actions, None, None, logp, ev.values, keys)
     sampling = dataclasses.replace(config.sampling, temperature=0.0) if greedy else config.sampling
-    p = config.prefix_len
-    if p:  # the shared system prompt once for all rows (as in score mode)
-        prefix = build_prefix(model, model_config, obs.prompt_tokens[0, :p])
+    if prefix is not None:
         gen = generate(
             model, model_config, obs.prompt_tokens[:, p:], obs.prompt_mask[:, p:], key,
             sampling, prefix=prefix,

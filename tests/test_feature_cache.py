@@ -99,12 +99,12 @@ def test_shared_prefix_scoring_equals_left_padded_scoring(tok):
     env = gym.make("rllama/Blackjack-v0")
     p = shared_prefix_length(tok, env.unwrapped.system_prompt)
     assert p > 50  # the system prompt is most of a Blackjack prompt
-    from rllama_jax.memory import MemoryConfig, WorkingConfig
+    from rllama_jax.memory import LatentConfig, MemoryConfig, WorkingConfig
 
-    with pytest.raises(ValueError, match="needs no memory"):
-        TrainConfig(
-            prefix_len=p, memory=MemoryConfig(mode="working", working=WorkingConfig(4, 8, 32))
-        )
+    latent = MemoryConfig(mode="working", representation="latent",
+                          working=WorkingConfig(4, 8, 32), latent=LatentConfig(32, 32))  # fmt: skip
+    with pytest.raises(ValueError, match="latent memory"):
+        TrainConfig(prefix_len=p, memory=latent)
     base = TrainConfig(algorithm="ppo", trainable="lora")
     shared = base.replace(prefix_len=p)
     envs = [gym.make("rllama/Blackjack-v0") for _ in range(3)]
@@ -313,3 +313,68 @@ def test_dqn_acts_epsilon_greedily_on_its_q_values():
     chosen = np.asarray(out.actions)
     want = np.where(chosen == best, 1 - 0.1 + 0.1 / n, 0.1 / n)
     np.testing.assert_allclose(np.exp(np.asarray(out.logp)), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_text_memory_after_a_shared_prefix_equals_the_unshared_prompt(tok, mode):
+    """With working and episodic memory as text, the region goes right after the shared
+    prefix ([prefix | pad | memory + rest]): acting with ``prefix_len`` sees the same tokens
+    in the same order as the unshared prompt and gives the same greedy action/reply, log-prob
+    and value (1e-5), and the train step's policy on those prompts agrees too."""
+    from rllama_jax.memory import EpisodicConfig, MemoryConfig, WorkingConfig
+    from rllama_jax.rollout import act, shared_prefix_length
+    from rllama_jax.sampling import SamplingConfig
+    from rllama_jax.train import evaluate_generate, evaluate_score, policy_params
+
+    make = lambda: gym.make("rllama/TMaze-v0", corridor_length=5)  # noqa: E731  (7 turns)
+    p = shared_prefix_length(tok, make().unwrapped.system_prompt)
+    d = MODEL.hidden_size
+    memory = MemoryConfig(
+        mode="both", episodic=EpisodicConfig(capacity=16, key_dim=d, max_tokens=12, k=2),
+        working=WorkingConfig(window=3, max_tokens=12, key_dim=d),
+    )  # fmt: skip
+    base = TrainConfig(
+        algorithm="ppo", trainable="lora", action_mode=mode, memory=memory,
+        sampling=SamplingConfig(max_new_tokens=3, temperature=1.0, top_p=1.0),
+    )  # fmt: skip
+    shared = base.replace(prefix_len=p)
+    roll = Rollout([make() for _ in range(3)], tok, MODEL, shared, ROLL, seed=5,
+                   extract_action=(lambda reply: reply) if mode == "generate" else None)  # fmt: skip
+    state = init_train_state(shared, MODEL, init_params(MODEL, jax.random.key(0)),
+                             jax.random.key(1), num_envs=3)  # fmt: skip
+    state, traj = roll.collect(state)
+    state, _ = make_train_step(shared, MODEL)(state, traj)  # writes episodic memory
+    state, _ = roll.collect(state)  # 6 turns into 7-turn episodes: working memory is full
+    assert bool(jnp.any(state.memory.working.valid)) and bool(jnp.any(state.memory.episodic.valid))
+    obs = jax.tree.map(jnp.asarray, roll.encode(roll.raw_obs, roll.candidates))
+    outs = {
+        name: act(state.trainable, state.frozen, state.memory, obs, jnp.asarray(roll.insert_at),
+                  jax.random.key(3), MODEL, cfg, greedy=True)
+        for name, cfg in (("plain", base), ("shared", shared))
+    }  # fmt: skip
+    a, b = outs["plain"], outs["shared"]
+    assert (np.asarray(b.obs.prompt_tokens[:, :p]) == np.asarray(obs.prompt_tokens[0, :p])).all()
+    for i in range(3):  # the same real tokens, memory region included, in the same order
+        ma, mb = np.asarray(a.obs.prompt_mask[i], bool), np.asarray(b.obs.prompt_mask[i], bool)
+        np.testing.assert_array_equal(np.asarray(a.obs.prompt_tokens[i])[ma],
+                                      np.asarray(b.obs.prompt_tokens[i])[mb])  # fmt: skip
+    assert int(np.asarray(a.obs.prompt_mask).sum()) > int(np.asarray(obs.prompt_mask).sum())
+    if mode == "score":
+        np.testing.assert_array_equal(np.asarray(a.actions), np.asarray(b.actions))
+    else:
+        np.testing.assert_array_equal(np.asarray(a.response_tokens), np.asarray(b.response_tokens))
+    for x, y in ((a.logp, b.logp), (a.values, b.values), (a.keys, b.keys)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)
+    model = policy_params(state.trainable, state.frozen, base)
+    heads = state.trainable["heads"]
+    if mode == "score":
+        ea = evaluate_score(model, heads, a.obs, MODEL, base)
+        eb = evaluate_score(model, heads, b.obs, MODEL, shared)
+        pairs = [(ea.log_probs, eb.log_probs), (ea.values, eb.values)]
+    else:
+        ea = evaluate_generate(model, heads, a.obs, a.response_tokens, a.response_mask, MODEL, base)
+        eb = evaluate_generate(model, heads, b.obs, b.response_tokens, b.response_mask, MODEL,
+                               shared)  # fmt: skip
+        pairs = [(ea.token_logp, eb.token_logp), (ea.values, eb.values)]
+    for x, y in pairs:
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-5)

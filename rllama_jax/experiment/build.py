@@ -91,8 +91,8 @@ def train_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: An
 
 
 def prefix_len(cfg: ExperimentConfig, tokenizer: Any) -> int:
-    """Tokens every prompt of the run shares (0 when not shared: with memory)."""
-    if not cfg.share_prefix or cfg.memory != "none":
+    """Tokens every prompt of the run shares (0 when not shared: latent memory)."""
+    if not cfg.share_prefix or (cfg.memory != "none" and cfg.memory_mode == "latent"):
         return 0
     env = make_envs(cfg, 1)[0]
     try:

@@ -133,8 +133,8 @@ class ExperimentConfig:
     candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
     share_prefix: bool = _field(
         True,
-        "Without memory: run the shared system prompt once per call (acting and training, "
-        "score and generate mode).",
+        "Run the shared system prompt once per call (acting and training, score and "
+        "generate mode, text memory spliced after it; not with latent memory).",
     )
     feature_cache: int = _field(
         65536,

@@ -45,9 +45,10 @@ class TrainConfig:
     prefix_len: P > 0 when every prompt starts with the same P tokens (the system prompt and
     the user header) laid out unpadded in columns [0, P) (``tokenization.pad_after_prefix``):
     the prefix then runs once per call (batch 1) and only the rows' own tokens per row, in
-    acting and in the train step alike, in score and generate mode (not with memory, which
-    is spliced inside it). When the LLM trains, the train step rebuilds the prefix's keys
-    and values once per (micro)batch with gradients.
+    acting and in the train step alike, in score and generate mode, with text memory spliced
+    right after it (``[prefix | pad | memory + rest]``; not with latent memory). When the
+    LLM trains, the train step rebuilds the prefix's keys and values once per (micro)batch
+    with gradients.
     remat: the train step's loss rematerialises the LLM's layers (``jax.checkpoint`` on the
     scanned layer body, ``models.llama.forward``): the backward pass keeps each layer's
     input instead of all its intermediates, at the cost of recomputing them (about one more
@@ -112,10 +113,10 @@ class TrainConfig:
                 "head_input_norm standardises the frozen LLM's features: it needs "
                 "trainable='heads', action_mode='score' and no latent memory"
             )
-        if self.prefix_len and self.memory.enabled:
+        if self.prefix_len and self.memory.latent_enabled:
             raise ValueError(
-                "prefix_len > 0 (a shared prompt prefix computed once) needs no memory "
-                "(memory is spliced inside the prefix)"
+                "prefix_len > 0 (a shared prompt prefix computed once) does not combine with "
+                "latent memory (its soft prompt enters as embeddings, not tokens)"
             )
 
     @property
