@@ -124,6 +124,9 @@ class RLlamaAgent:
         ``latent_dim``, spliced where the text would go and trained with the policy).
     trainable: "lora" (default), "full" or "heads"; ``train_kwargs``: the algorithm's
         hyperparameters (e.g. ``epochs=2`` for PPO) and further ``TrainConfig`` fields.
+    share_prefix: run the system prompt (``get_system_prompt()``, read once here) once per
+        call for all rows, in acting and in the train step (not with latent memory); every
+        prompt must then start with it (a changed system prompt raises at the next call).
     """
 
     def __init__(
@@ -153,6 +156,7 @@ class RLlamaAgent:
         max_actions: int = 8,
         candidate_len: int = 8,
         seed: int = 0,
+        share_prefix: bool = True,
         **train_kwargs: Any,
     ) -> None:
         if isinstance(model, str):
@@ -172,6 +176,9 @@ class RLlamaAgent:
             top_p=top_p,
             stop_token_ids=(eos,) if isinstance(eos, int) else (),
         )
+        self._shared_system: str | None = None
+        if share_prefix and memory_mode != "latent" and "prefix_len" not in train_kwargs:
+            train_kwargs["prefix_len"] = self._shared_prefix()
         self.train_config = TrainConfig(
             algorithm=_with_options(algorithm, train_kwargs),
             action_mode=action_mode,
@@ -220,7 +227,7 @@ class RLlamaAgent:
         self._episode: list[_Turn] = []  # the episode being played
         self._done: list[list[_Turn]] = []  # finished episodes (or their rest) not yet learned
         self._pending = False  # the last turn's outcome has not entered working memory yet
-        self._insert_at: int | None = None
+        self._insert_at: int | None = self.train_config.prefix_len or None
         self.exploration = ExplorationCheck()  # warns if every reply maps to one action
         self.group_warning: str | None = None
 
@@ -239,6 +246,16 @@ class RLlamaAgent:
         return None
 
     # ------------------------------------------------------------------ helpers
+    def _shared_prefix(self) -> int:
+        """Tokens every prompt starts with (the system prompt's chat rendering), run once per
+        call; 0 when the subclass cannot say its system prompt yet (it then runs per row)."""
+        try:
+            system = self.get_system_prompt()
+        except (NotImplementedError, AttributeError):
+            return 0
+        self._shared_system = system
+        return shared_prefix_length(self.tokenizer, system)
+
     def _memory_config(
         self, mode, capacity, k, window, tokens, memory_mode, latent_slots, latent_dim
     ) -> MemoryConfig:
@@ -271,6 +288,11 @@ class RLlamaAgent:
 
     def _encode(self, observations: list[Any]) -> tuple[Observation, list[list[str]]]:
         system = self.get_system_prompt()
+        if self.train_config.prefix_len and system != self._shared_system:
+            raise ValueError(
+                "get_system_prompt() changed since the agent was built, and its prompt prefix "
+                "is shared across rows: build the agent with share_prefix=False"
+            )
         if self._insert_at is None:  # memory goes where the user's content starts
             self._insert_at = shared_prefix_length(self.tokenizer, system)
         cands = [self.candidate_actions(o) or [] for o in observations]

@@ -201,3 +201,30 @@ def test_single_env_loop_writes_episodic_memory(tiny):
         assert text.startswith("Current hand total:") and text.endswith("\n"), text
         assert f" -> {action} -> " in text, text  # the env action (0 stay, 1 hit)
         assert -1.0 <= ret <= 1.5  # an undiscounted Blackjack return-to-go
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_agent_shares_the_system_prompt_and_acts_as_without(tiny, mode):
+    """The agent runs its system prompt once per call (``prefix_len`` from
+    ``get_system_prompt()``): the same turns' log-probs and values as an agent that runs it
+    per row (share_prefix=False), with working memory on; a system prompt that changes
+    afterwards is refused in one line."""
+    cls = BlackjackAgent if mode == "generate" else ScoringBlackjackAgent
+    kw = dict(algorithm="ppo", batch_size=4, max_new_tokens=4, lora_rank=2, memory="working",
+              temperature=1.0, top_p=1.0)  # fmt: skip
+    shared, plain = cls(tiny(), **kw), cls(tiny(), share_prefix=False, **kw)
+    assert shared.train_config.prefix_len > 50 and plain.train_config.prefix_len == 0
+    for agent in (shared, plain):
+        for obs, reward in (((14, 10, False), -1.0), ((20, 3, True), 1.0)):
+            agent.act(obs)
+            agent.assign_reward(reward)
+    for a, b in zip(shared._episode, plain._episode, strict=True):
+        if mode == "score":
+            np.testing.assert_array_equal(a.action, b.action)
+        else:
+            np.testing.assert_array_equal(a.response_tokens, b.response_tokens)
+        np.testing.assert_allclose(a.logp, b.logp, rtol=1e-5, atol=1e-5)
+        assert a.value == pytest.approx(b.value, abs=1e-5)
+    shared.get_system_prompt = lambda: "You play blackjack."
+    with pytest.raises(ValueError, match="share_prefix=False"):
+        shared.act((12, 2, False))
