@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -231,6 +232,28 @@ def test_retrieve_matches_bruteforce_topk_with_ties(normalize):
     g, m = _np(got), _np(mem)
     np.testing.assert_array_equal(g.tokens[g.valid], m.tokens[g.indices[g.valid]])
     np.testing.assert_array_equal(g.returns[g.valid], m.returns[g.indices[g.valid]])
+
+
+def test_normalised_importance_cannot_swamp_similarity():
+    """By default importance is divided by the largest valid one, so its share of a score
+    is at most w_imp: an entry with return 1000 and cosine 0 cannot outrank one with cosine
+    1 and return 1 (0.3 < 0.7 + 0.3/1000), where raw importance (TextWorld-sized returns)
+    would rank it first."""
+    assert episodic.EpisodicConfig(capacity=4, key_dim=4, max_tokens=3).normalize_importance
+    cfg = RETRIEVE.replace(k=1)
+    keys = np.zeros((2, 4), np.float32)
+    keys[0, 0], keys[1, 1] = 1.0, 1.0
+    tokens = np.ones((2, cfg.max_tokens), np.int32)
+    mem = episodic.write(init(cfg), cfg, jnp.asarray(keys), jnp.asarray(tokens),
+                         jnp.ones_like(tokens, bool), jnp.asarray([1.0, 1000.0]),
+                         jnp.ones(2, bool))  # fmt: skip
+    query = jnp.asarray([[1.0, 0.0, 0.0, 0.0]])
+    got = retrieve(mem, cfg, query)
+    assert int(got.indices[0, 0]) == 0
+    score = np.asarray(episodic.scores(mem, cfg, query))[0, :2]
+    assert score.max() <= cfg.w_sim + cfg.w_imp + 1e-6 and score[1] <= cfg.w_imp + 1e-6
+    raw = cfg.replace(normalize_importance=False)
+    assert int(retrieve(mem, raw, query).indices[0, 0]) == 1
 
 
 def test_retrieve_fewer_valid_than_k_and_empty():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,7 +112,9 @@ def _attention_reference(wm, query, temperature):
         idx = np.flatnonzero(wm.valid[e])
         if idx.size == 0:
             continue
-        logits = (wm.keys[e, idx].astype(np.float64) @ query[e]) * wm.importance[e, idx]
+        imp = wm.importance[e, idx]
+        weight = 1.0 + (imp / imp.max() if imp.max() > 0 else imp)
+        logits = (wm.keys[e, idx].astype(np.float64) @ query[e]) * weight
         logits = logits / temperature
         p = np.exp(logits - logits.max())
         p /= p.sum()
@@ -136,6 +139,29 @@ def test_attention_read_matches_numpy_formula(temperature):
     assert np.asarray(wm.valid[:2]).any(axis=-1).all()
     assert (np.asarray(summary[2]) == 0).all() and (np.asarray(weights[2]) == 0).all()
     np.testing.assert_allclose(np.asarray(weights[:2]).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_attention_read_with_zero_rewards_prefers_the_most_similar_step():
+    """Rewards are 0 on most steps: the read must still follow similarity (a plain
+    importance factor made every logit 0 and the read a uniform average), and a large
+    reward on a dissimilar step cannot outweigh a much more similar one (its weight is
+    bounded by 2, whatever the reward's scale)."""
+    d = CFG.key_dim
+    keys = np.zeros((E, CFG.window, d), np.float32)
+    keys[:, 0, 0], keys[:, 1, 1], keys[:, 2, 2] = 3.0, 1.0, -1.0
+    wm = init(CFG, E).replace(
+        keys=jnp.asarray(keys), valid=jnp.zeros((E, CFG.window), bool).at[:, :3].set(True)
+    )
+    query = np.zeros((E, d), np.float32)
+    query[:, 0] = 1.0  # most similar to step 0
+    _, weights = attention_read(wm.replace(importance=jnp.zeros((E, CFG.window))), query, 1.0)
+    w = np.asarray(weights)
+    assert (w[:, 0] > 0.9).all() and (w[:, 3:] == 0).all()
+    # Step 1 (similarity 0) gets a reward of 1000, step 0 none: step 0 still wins.
+    imp = np.zeros((E, CFG.window), np.float32)
+    imp[:, 1] = 1000.0
+    _, weights = attention_read(wm.replace(importance=jnp.asarray(imp)), query, 1.0)
+    assert (np.asarray(weights)[:, 0] > 0.9).all()
 
 
 def test_attention_read_empty_memory_has_finite_gradients():

@@ -22,9 +22,11 @@ Conventions (decided here, relied on by the tests):
   only the *last* ``capacity`` of them (in row order) are stored; they replace every slot.
 * **Timestamps** -- the ``i``-th row stored by a call gets ``counter + i``; ``counter`` then grows
   by the number of rows stored, so a larger timestamp always means a newer entry.
-* **Retrieval score** -- ``w_sim * cosine(query, key) + w_imp * importance`` with *raw*
-  importance (the design's ``0.7*cos + 0.3*importance``; scale returns to taste), or importance
-  divided by the largest valid importance when ``normalize_importance`` is set.
+* **Retrieval score** -- ``w_sim * cosine(query, key) + w_imp * importance`` (the design's
+  ``0.7*cos + 0.3*importance``) with importance divided by the largest valid importance
+  (``normalize_importance``, the default), so its share is at most ``w_imp`` whatever the
+  scale of the returns (raw TextWorld scores of 10+ would otherwise swamp the cosine term);
+  ``normalize_importance=False`` uses the raw ``|return|``.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class EpisodicConfig:
     decay: float = struct.field(pytree_node=False, default=1.0)
     eviction: str = struct.field(pytree_node=False, default="fifo")
     score_threshold: float | None = struct.field(pytree_node=False, default=None)
-    normalize_importance: bool = struct.field(pytree_node=False, default=False)
+    normalize_importance: bool = struct.field(pytree_node=False, default=True)
     pad_id: int = struct.field(pytree_node=False, default=0)
     control: float = struct.field(pytree_node=False, default=0.0)
     control_k: int = struct.field(pytree_node=False, default=16)

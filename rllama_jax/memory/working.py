@@ -172,7 +172,11 @@ def attention_read(
 ) -> tuple[jax.Array, jax.Array]:
     """Importance-weighted attention over the stored steps' keys.
 
-    ``weights = softmax((K . q) * importance / T)`` over valid steps, ``summary = weights . K``.
+    ``weights = softmax((K . q) * (1 + importance / max importance) / T)`` over valid steps,
+    ``summary = weights . K``: similarity always counts (a step with reward 0 keeps weight
+    1, where a plain ``importance`` factor would multiply its similarity away and turn the
+    read into a uniform average), and a rewarded step's similarity is scaled by at most 2,
+    whatever the reward's scale (the largest valid importance of the env normalises it).
     An env with no valid step gets zero weights and a zero summary (never NaN, also in gradients).
 
     Args:
@@ -186,7 +190,9 @@ def attention_read(
     """
     chex.assert_shape(query, (wm.keys.shape[0], wm.keys.shape[-1]))
     logits = jnp.einsum("ewd,ed->ew", wm.keys, query.astype(jnp.float32))
-    logits = logits * wm.importance / temperature
+    top_imp = jnp.max(jnp.where(wm.valid, wm.importance, 0.0), axis=-1, keepdims=True)
+    weight = 1.0 + wm.importance / jnp.where(top_imp > 0, top_imp, 1.0)
+    logits = logits * weight / temperature
     top = jnp.max(jnp.where(wm.valid, logits, -jnp.inf), axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     # Invalid logits are replaced by `top` before exp so no inf/NaN appears even in gradients.
