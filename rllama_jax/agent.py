@@ -194,6 +194,7 @@ class RLlamaAgent:
                 memory_mode,
                 latent_slots,
                 latent_dim,
+                max_actions,
             ),  # fmt: skip
             **train_kwargs,
         )
@@ -257,7 +258,16 @@ class RLlamaAgent:
         return shared_prefix_length(self.tokenizer, system)
 
     def _memory_config(
-        self, mode, capacity, k, window, tokens, memory_mode, latent_slots, latent_dim
+        self,
+        mode,
+        capacity,
+        k,
+        window,
+        tokens,
+        memory_mode,
+        latent_slots,
+        latent_dim,
+        max_actions=8,
     ) -> MemoryConfig:
         if memory_mode not in ("text", "latent"):
             raise ValueError(f"memory_mode must be 'text' or 'latent', got {memory_mode!r}")
@@ -273,8 +283,9 @@ class RLlamaAgent:
         lcfg = None
         if memory_mode == "latent":
             lcfg = LatentConfig(
-                key_dim=d, hidden_size=d, num_slots=latent_slots, adapter_dim=latent_dim
-            )
+                key_dim=d, hidden_size=d, num_slots=latent_slots, adapter_dim=latent_dim,
+                num_actions=max_actions,
+            )  # fmt: skip
         return MemoryConfig(
             mode=mode,
             representation=memory_mode,

@@ -62,13 +62,48 @@ def test_invalid_entries_do_not_affect_output():
     np.testing.assert_array_equal(np.asarray(soft3[1:]), np.asarray(soft[1:]))
 
 
+def test_output_carries_each_entrys_return_and_action():
+    """The soft prompt tells what happened: changing only a retrieved entry's return, or
+    only the action it took, changes its row's output (and no other row); the return and
+    action of an invalid entry change nothing."""
+    params = init_adapter(jax.random.key(5), CFG)
+    keys, valid, summary, wm_valid = _inputs()
+    returns = np.zeros((B, K), np.float32)
+    returns[0, 0] = 1.0
+    actions = np.zeros((B, K), np.int32)
+
+    def soft(r, a):
+        return np.asarray(apply(params, keys, valid, summary, SCALE, wm_valid, r, a)[0])
+
+    base = soft(returns, actions)
+    for r, a in ((returns * -1.0, actions), (returns, np.where(np.eye(B, K) > 0, 1, actions))):
+        out = soft(r, a)
+        assert not np.allclose(out[0], base[0])  # entry (0, 0) is valid
+        np.testing.assert_array_equal(out[1:], base[1:])  # rows 1-3 hold no such change
+    # Row 0's entry 2 is invalid: its return and action are ignored.
+    r, a = returns.copy(), actions.copy()
+    r[0, 2], a[0, 2] = 100.0, 1
+    np.testing.assert_array_equal(soft(r, a), base)
+    # An action past num_actions counts as unknown (-1), never indexes out of the table.
+    a = actions.copy()
+    a[0, 0] = -1
+    unknown = soft(returns, a)
+    a[0, 0] = 10_000
+    np.testing.assert_array_equal(soft(returns, a), unknown)
+
+
 def test_gradients_nonzero_and_finite():
     params = init_adapter(jax.random.key(2), CFG)
     keys, valid, summary, wm_valid = _inputs()
     target = np.random.default_rng(3).normal(size=(B, CFG.num_slots, CFG.hidden_size))
 
+    returns = np.random.default_rng(4).normal(size=(B, K)).astype(np.float32)
+    actions = np.tile(np.arange(K, dtype=np.int32) % 3 - 1, (B, 1))  # -1 (unknown), 0, 1
+
     def loss(p):
-        soft, mask = latent.apply_adapter(p, keys, valid, summary, SCALE, wm_valid)
+        soft, mask = latent.apply_adapter(
+            p, keys, valid, summary, SCALE, wm_valid, returns, actions
+        )
         return jnp.sum(jnp.where(mask[..., None], (soft - target) ** 2, 0.0))
 
     grads = jax.jit(jax.grad(loss))(params)

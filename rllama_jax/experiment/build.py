@@ -42,7 +42,8 @@ def memory_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: A
     d = model_config.hidden_size
     latent = None
     if cfg.memory_mode == "latent":
-        latent = LatentConfig(key_dim=d, hidden_size=d, num_slots=cfg.latent_slots)
+        latent = LatentConfig(key_dim=d, hidden_size=d, num_slots=cfg.latent_slots,
+                              num_actions=cfg.effective_max_actions)  # fmt: skip
     return MemoryConfig(
         mode=cfg.memory,
         representation=cfg.memory_mode,

@@ -227,20 +227,24 @@ def latent_inputs(
     state: MemoryState, config: MemoryConfig, queries: jax.Array
 ) -> latent.AdapterInputs:
     """What the latent adapter reads for queries [B, D]: top-k episodic keys [B, k, D] with
-    their validity [B, k] (one invalid zero key without episodic memory) and the working
-    summary [B, D] with [B] validity (None without working memory)."""
+    their validity, returns and actions [B, k] (one invalid zero key without episodic
+    memory) and the working summary [B, D] with [B] validity (None without working memory)."""
     b = queries.shape[0]
     if config.use_episodic:
         got = episodic.retrieve(state.episodic, config.episodic, queries)
-        keys, valid = got.keys, got.valid
+        keys, valid, returns, actions = got.keys, got.valid, got.returns, got.actions
     else:
         keys = jnp.zeros((b, 1, queries.shape[-1]), jnp.float32)
         valid = jnp.zeros((b, 1), bool)
+        returns, actions = jnp.zeros((b, 1), jnp.float32), jnp.full((b, 1), -1, jnp.int32)
     summary = wm_valid = None
     if config.use_working:
         summary, _ = working.attention_read(state.working, queries, config.working.temperature)
         wm_valid = jnp.any(state.working.valid, axis=-1)
-    return latent.AdapterInputs(keys=keys, valid=valid, summary=summary, summary_valid=wm_valid)
+    return latent.AdapterInputs(
+        keys=keys, valid=valid, summary=summary, summary_valid=wm_valid, returns=returns,
+        actions=actions,
+    )  # fmt: skip
 
 
 def soft_prompt(

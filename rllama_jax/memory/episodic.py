@@ -132,6 +132,8 @@ class Retrieved:
       token_mask: [Q, k, Lm] bool (false everywhere in invalid entries).
       keys: [Q, k, D] float32.
       returns: [Q, k] float32.
+      actions: [Q, k] int32 candidate index of the action each entry took (-1: unknown or
+        invalid).
     """
 
     indices: jax.Array
@@ -141,6 +143,7 @@ class Retrieved:
     token_mask: jax.Array
     keys: jax.Array
     returns: jax.Array
+    actions: jax.Array
 
 
 def init(config: EpisodicConfig) -> EpisodicMemory:
@@ -287,6 +290,7 @@ def retrieve(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) ->
         token_mask=token_mask,
         keys=jnp.where(v1, mem.keys[top_idx], 0.0),
         returns=jnp.where(valid, mem.returns[top_idx], 0.0),
+        actions=jnp.where(valid, mem.actions[top_idx], -1).astype(jnp.int32),
     )
 
 

@@ -4,8 +4,12 @@ Instead of spelling memory out as text, the retrieved episodic keys [B, k, D] an
 memory summary [B, D] are mapped to ``M`` vectors [B, M, H] that are prepended to (or spliced
 into) the LLM's input embeddings. The adapter:
 
-1. projects keys to values and keys of width ``A`` and pools them per soft-prompt slot by
-   attention with a learned per-slot query (invalid entries get exactly zero weight);
+1. projects keys to attention keys of width ``A`` and each entry to a value of width ``A``
+   that carries what happened: its key's projection, plus its return times a learned
+   vector, plus a learned embedding of the action it took (``num_actions`` candidates and
+   one "unknown"); the values are pooled per soft-prompt slot by attention with a learned
+   per-slot query (invalid entries get exactly zero weight), so the LLM can be told "last
+   time here, action 1 paid -1";
 2. adds a projection of the working-memory summary and a learned per-slot embedding;
 3. applies a 2-layer GELU MLP to ``H`` and rescales every output vector to RMS ``embed_scale``
    (the RMS of the LLM's token embeddings), so soft prompts sit at the scale the LLM expects.
@@ -45,9 +49,10 @@ class LatentConfig:
     hidden_size: int = struct.field(pytree_node=False)
     num_slots: int = struct.field(pytree_node=False, default=4)
     adapter_dim: int = struct.field(pytree_node=False, default=128)
+    num_actions: int = struct.field(pytree_node=False, default=16)
 
     def __post_init__(self) -> None:
-        for name in ("key_dim", "hidden_size", "num_slots", "adapter_dim"):
+        for name in ("key_dim", "hidden_size", "num_slots", "adapter_dim", "num_actions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LatentConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -65,12 +70,16 @@ class AdapterInputs:
       valid: [..., k] bool.
       summary: [..., D] float32 working-memory summary, or None without working memory.
       summary_valid: [...] bool, whether the env had a step in working memory (None without).
+      returns: [..., k] float32 the retrieved entries' returns (0 where invalid); None: 0.
+      actions: [..., k] int32 the candidate index each took (-1: unknown); None: unknown.
     """
 
     keys: jax.Array
     valid: jax.Array
     summary: jax.Array | None = None
     summary_valid: jax.Array | None = None
+    returns: jax.Array | None = None
+    actions: jax.Array | None = None
 
 
 def _dense(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
@@ -81,11 +90,14 @@ def init_adapter(key: jax.Array, config: LatentConfig) -> AdapterParams:
     """Random adapter parameters (LeCun-normal weights, zero biases).
 
     Returns a dict: ``slot_query`` [M, A], ``slot_embed`` [M, A], ``w_key`` [D, A],
-    ``w_value`` [D, A], ``w_working`` [D, A], ``w1`` [A, A], ``b1`` [A], ``w2`` [A, H], ``b2`` [H].
+    ``w_value`` [D, A], ``w_return`` [A], ``action_embed`` [num_actions + 1, A] (row 0:
+    unknown), ``w_working`` [D, A], ``w1`` [A, A], ``b1`` [A], ``w2`` [A, H], ``b2`` [H].
     """
     d, h, m, a = config.key_dim, config.hidden_size, config.num_slots, config.adapter_dim
-    ks = jax.random.split(key, 7)
+    ks = jax.random.split(key, 9)
     return {
+        "w_return": jax.random.normal(ks[7], (a,), jnp.float32),
+        "action_embed": jax.random.normal(ks[8], (config.num_actions + 1, a), jnp.float32),
         "slot_query": jax.random.normal(ks[0], (m, a), jnp.float32),
         "slot_embed": jax.random.normal(ks[1], (m, a), jnp.float32),
         "w_key": _dense(ks[2], d, a),
@@ -105,8 +117,10 @@ def apply_adapter(
     wm_summary: jax.Array | None,
     embed_scale: float | jax.Array = 1.0,
     wm_valid: jax.Array | None = None,
+    retrieved_returns: jax.Array | None = None,
+    retrieved_actions: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Soft-prompt vectors from retrieved episodic keys and the working-memory summary.
+    """Soft-prompt vectors from retrieved episodic entries and the working-memory summary.
 
     Args:
       params: adapter parameters from ``init_adapter``.
@@ -116,6 +130,9 @@ def apply_adapter(
       embed_scale: target RMS of each output vector (RMS of the LLM token embeddings).
       wm_valid: [B] bool, whether the working summary carries information (e.g. the env has a
         valid step); defaults to all true when ``wm_summary`` is given.
+      retrieved_returns: [B, k] the entries' returns (None: 0), added to their values.
+      retrieved_actions: [B, k] int the candidate each entry took (-1 or None: unknown;
+        indices past ``num_actions`` count as unknown), embedded into their values.
 
     Returns:
       soft_prompt: [B, M, H] float32, zeros on rows with nothing to remember.
@@ -131,6 +148,15 @@ def apply_adapter(
 
     att_keys = keys @ params["w_key"]  # [B, k, A]
     values = keys @ params["w_value"]  # [B, k, A]
+    if retrieved_returns is not None:  # what the entry led to
+        chex.assert_shape(retrieved_returns, (b, k))
+        ret = jnp.where(valid, retrieved_returns.astype(jnp.float32), 0.0)
+        values = values + ret[..., None] * params["w_return"]
+    num_actions = params["action_embed"].shape[0] - 1
+    acts = jnp.full((b, k), -1, jnp.int32) if retrieved_actions is None else retrieved_actions
+    chex.assert_shape(acts, (b, k))
+    row = jnp.where((acts >= 0) & (acts < num_actions), acts + 1, 0)  # 0: unknown
+    values = values + params["action_embed"][row]
     logits = jnp.einsum("ma,bka->bmk", params["slot_query"], att_keys) / jnp.sqrt(a)
     mask = valid[:, None, :]
     top = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
@@ -174,8 +200,9 @@ def apply_to_inputs(
 ) -> tuple[jax.Array, jax.Array]:
     """``apply_adapter`` on stored ``AdapterInputs`` [B, ...]: (soft [B, M, H], mask [B, M])."""
     return apply_adapter(
-        params, inputs.keys, inputs.valid, inputs.summary, embed_scale, inputs.summary_valid
-    )
+        params, inputs.keys, inputs.valid, inputs.summary, embed_scale, inputs.summary_valid,
+        inputs.returns, inputs.actions,
+    )  # fmt: skip
 
 
 def embedding_rms(embed_matrix: jax.Array) -> jax.Array:
