@@ -211,6 +211,35 @@ def test_keyed_bandit_mapping_depends_on_mapping_seed() -> None:
     assert len(mappings) > 1
 
 
+def test_non_stationary_keyed_bandit_redraws_the_mapping_every_k_episodes() -> None:
+    """remap_every=K: the mapping holds for K episodes, then a new balanced one is drawn;
+    two envs with the same mapping_seed stepped together agree in every block (one shared
+    memory stays consistent), and the oracle of the current block always wins."""
+    k = 5
+    envs_ = [KeyedBanditEnv(num_situations=8, num_arms=2, mapping_seed=3, remap_every=k)
+             for _ in range(2)]  # fmt: skip
+    assert "changes from time to time" in envs_[0].system_prompt
+    blocks = []
+    for episode in range(6 * k):
+        maps = []
+        for i, env in enumerate(envs_):
+            _, info = env.reset(seed=100 * i + episode)
+            maps.append(dict(env.paying_arms))
+            _, reward, *_ = env.step(env.paying_arms[info["situation"]])
+            assert reward == 1.0
+        assert maps[0] == maps[1]
+        assert sorted(maps[0].values()) == [0] * 4 + [1] * 4
+        if episode % k == 0:
+            blocks.append(maps[0])
+        else:
+            assert maps[0] == blocks[-1]  # fixed within a block
+    assert len({tuple(m.values()) for m in blocks}) > 2  # redrawn across blocks
+    # Block 0 is the stationary env's mapping; remap_every=0 never changes it.
+    assert blocks[0] == KeyedBanditEnv(num_situations=8, mapping_seed=3).paying_arms
+    with pytest.raises(ValueError, match="remap_every"):
+        KeyedBanditEnv(remap_every=-1)
+
+
 # --- Shared semantics --------------------------------------------------------------------------
 
 

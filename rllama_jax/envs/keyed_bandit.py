@@ -4,6 +4,14 @@ Each one-step episode names a situation ("a red door", ...) and offers ``num_arm
 lever pays in each situation is fixed for the env instance (drawn from ``mapping_seed`` at
 construction) and never shown, so a frozen LLM can beat chance only by recalling what paid in
 earlier episodes with the same situation.
+
+Non-stationary (``remap_every=K > 0``): the mapping is redrawn every K episodes of the env,
+from ``(mapping_seed, K-episode block)``, so no weight can hold it and only recent experience
+tells which lever pays now. Envs built with the same ``mapping_seed`` and stepped together
+(one-step episodes: every env ends one episode per step) share each block's mapping, so one
+episodic memory written by all of them stays consistent. Memory is written at each train
+step, so a block should span several updates (K several times the turns per update): the
+first update of a block acts on the previous mapping's memories.
 """
 
 from __future__ import annotations
@@ -61,25 +69,42 @@ class KeyedBanditEnv(TextEnv):
         num_arms: int = 2,
         mapping_seed: int = 0,
         max_steps: int | None = None,
+        remap_every: int = 0,
     ) -> None:
         super().__init__(max_steps=max_steps, num_actions=num_arms)
+        if remap_every < 0:
+            raise ValueError(f"remap_every must be >= 0, got {remap_every}")
         self.situations = situation_names(num_situations)
         self.arm_candidates = lever_candidates(num_arms)
-        arms = np.arange(num_situations) % num_arms
-        np.random.default_rng(mapping_seed).shuffle(arms)
-        self.paying_arms: dict[str, int] = {
-            name: int(arm) for name, arm in zip(self.situations, arms, strict=True)
-        }
+        self.mapping_seed, self.remap_every = mapping_seed, remap_every
+        self.episodes = 0  # episodes started by this env (the block counter when remapping)
+        self.paying_arms: dict[str, int] = self._mapping(0)
         levers = ", ".join(f'"{c}"' for c in self.arm_candidates[:-1])
+        rule = (
+            "it is always the same lever for the same object"
+            if not remap_every
+            else "which one changes from time to time: what paid most recently is what pays now"
+        )
         self.system_prompt = (
             "You are in a hall of objects, each with levers. In front of each object exactly one "
-            "lever pays, and it is always the same lever for the same object. Recall what paid "
-            "before.\n"
+            f"lever pays, and {rule}. Recall what paid before.\n"
             f'Answer with one action: {levers} or "{self.arm_candidates[-1]}".'
         )
         self.situation = self.situations[0]
 
+    def _mapping(self, block: int) -> dict[str, int]:
+        """The balanced situation -> paying arm mapping of ``block`` (0 when not remapping)."""
+        arms = np.arange(len(self.situations)) % len(self.arm_candidates)
+        seed = self.mapping_seed if block == 0 else (self.mapping_seed, block)
+        np.random.default_rng(seed).shuffle(arms)
+        return {name: int(arm) for name, arm in zip(self.situations, arms, strict=True)}
+
     def _start(self, seed: int | None) -> tuple[str, dict[str, Any]]:
+        if self.remap_every:
+            block = self.episodes // self.remap_every
+            if block != (self.episodes - 1) // self.remap_every or self.episodes == 0:
+                self.paying_arms = self._mapping(block)
+        self.episodes += 1
         self.situation = self.situations[int(self.np_random.integers(len(self.situations)))]
         self.candidates = list(self.arm_candidates)
         return situation_observation(self.situation), {"situation": self.situation}

@@ -73,6 +73,12 @@ ENV_PRESETS: dict[str, EnvPreset] = {
     "bandit": EnvPreset(
         "rllama/KeyedBandit-v0", prompt_len=160, max_actions=4, references=BANDIT_REFERENCES
     ),
+    # The mapping is redrawn every 32 episodes of each env (8 updates of 4 turns): only
+    # recent experience (memory) can beat chance.
+    "bandit-shifting": EnvPreset(
+        "rllama/KeyedBandit-v0", (("remap_every", 32),), prompt_len=192, max_actions=4,
+        references=BANDIT_REFERENCES,
+    ),
     # A full 7x7 view (goal, 3 walls, 9 objects, a carried one) is about 360 tokens.
     "babyai-goto": EnvPreset(
         "rllama/BabyAI-GoToLocal-v0", (("max_steps", 32),), prompt_len=384, max_actions=6
