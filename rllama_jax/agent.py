@@ -80,6 +80,8 @@ class _Turn:
     key: np.ndarray  # [1, D]
     text: str = ""  # "observation -> action", its outcome is appended when it is remembered
     reward: float = 0.0
+    obs_text: str = ""  # the formatted observation and the action's text (history prompts)
+    action_text: str = ""
     ended: bool = False  # the episode's last turn
 
 
@@ -124,6 +126,9 @@ class RLlamaAgent:
         ``latent_dim``, spliced where the text would go and trained with the policy).
     trainable: "lora" (default), "full" or "heads"; ``train_kwargs``: the algorithm's
         hyperparameters (e.g. ``epochs=2`` for PPO) and further ``TrainConfig`` fields.
+    history: the full-history baseline: the last ``history`` turns of the current episode
+        in the prompt as chat messages (``RolloutConfig.history``); raise ``prompt_len``
+        to hold them. Needs ``act`` (one environment) or ``train``.
     share_prefix: run the system prompt (``get_system_prompt()``, read once here) once per
         call for all rows, in acting and in the train step (not with latent memory); every
         prompt must then start with it (a changed system prompt raises at the next call).
@@ -156,6 +161,7 @@ class RLlamaAgent:
         max_actions: int = 8,
         candidate_len: int = 8,
         seed: int = 0,
+        history: int = 0,
         share_prefix: bool = True,
         **train_kwargs: Any,
     ) -> None:
@@ -204,6 +210,7 @@ class RLlamaAgent:
             prompt_len=prompt_len,
             max_actions=max_actions,
             candidate_len=candidate_len,
+            history=history,
         )
         self.batch_size = batch_size
         self.episodes_per_update = episodes_per_update or self.algorithm.group_size or 4
@@ -297,7 +304,9 @@ class RLlamaAgent:
             pad_id=0,
         )
 
-    def _encode(self, observations: list[Any]) -> tuple[Observation, list[list[str]]]:
+    def _encode(
+        self, observations: list[Any], histories: list[list[Any]] | None = None
+    ) -> tuple[Observation, list[list[str]]]:
         system = self.get_system_prompt()
         if self.train_config.prefix_len and system != self._shared_system:
             raise ValueError(
@@ -309,9 +318,14 @@ class RLlamaAgent:
         cands = [self.candidate_actions(o) or [] for o in observations]
         if self.train_config.action_mode == "score" and not all(cands):
             raise ValueError("score mode needs candidate_actions(observation) to return strings")
+        if self.rollout_config.history and histories is None:
+            raise ValueError(
+                "history > 0 shows each environment's own past turns: use act() (one "
+                "environment) or train(), not act_batch()"
+            )
         obs = encode_observations(
             self.tokenizer, system, self.format_observation, observations, cands,
-            self.train_config, self.rollout_config,
+            self.train_config, self.rollout_config, histories=histories,
         )  # fmt: skip
         return obs, cands
 
@@ -320,11 +334,11 @@ class RLlamaAgent:
         """One batched policy call for several observations; returns their env actions.
 
         Turns are recorded only by ``act`` (the single-env training API)."""
-        actions, _ = self._act(observations)
+        actions, _, _ = self._act(observations)
         return actions
 
-    def _act(self, observations: list[Any]):
-        obs, cands = self._encode(observations)
+    def _act(self, observations: list[Any], histories: list[list[Any]] | None = None):
+        obs, cands = self._encode(observations, histories)
         self._key, sub = jax.random.split(self._key)
         insert_at = np.full(len(observations), self._insert_at, np.int32)
         out = act(
@@ -341,7 +355,7 @@ class RLlamaAgent:
         actions = [self.extract_action(t) for t in texts]
         if self.train_config.action_mode == "generate":
             self.exploration.observe(actions, texts)
-        return actions, out
+        return actions, out, texts
 
     def _memory_for(self, n: int):
         memory = self.state.memory
@@ -352,7 +366,10 @@ class RLlamaAgent:
     def act(self, observation: Any) -> Any:
         """The action for one observation; the turn is recorded for training."""
         self._finish_pending_turn()
-        (action,), out = self._act([observation])
+        h = self.rollout_config.history
+        past = [(t.obs_text, t.action_text, t.reward) for t in self._episode[-h:]] if h else []
+        (action,), out, (text,) = self._act([observation], [past] if h else None)
+        obs_text = self.format_observation(observation)
         score = self.train_config.action_mode == "score"
         self._episode.append(
             _Turn(
@@ -363,7 +380,9 @@ class RLlamaAgent:
                 logp=np.asarray(out.logp),
                 value=float(out.values[0]),
                 key=np.asarray(out.keys),
-                text=f"{self.format_observation(observation)} -> {action}",
+                text=f"{obs_text} -> {action}",
+                obs_text=obs_text,
+                action_text=text.strip()[:60],
             )
         )
         self._pending = True  # the turn's outcome goes to working memory at the next call

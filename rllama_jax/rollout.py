@@ -81,7 +81,13 @@ class RolloutConfig:
     The row layout comes from the algorithm: with ``Algorithm.whole_episodes`` every
     ``collect`` resets all envs and each row plays ONE episode of at most T turns (later
     turns are invalid); with ``Algorithm.group_size`` G > 0 rows ``i // G`` also share a
-    seed (a group starts from the same state) and the trajectory carries group ids."""
+    seed (a group starts from the same state) and the trajectory carries group ids.
+
+    history: the full-history baseline (what LlamaGym and BALROG agents do): the last H
+    turns of the current episode go into the prompt as chat messages (each past
+    observation as a user message, the action taken as the assistant's reply, its reward
+    opening the next user message); 0: the current observation alone. Size ``prompt_len``
+    for H turns."""
 
     num_steps: int = 8
     prompt_len: int = 256
@@ -89,6 +95,24 @@ class RolloutConfig:
     candidate_len: int = 4
     fallback_action: int = 0
     parse_penalty: float = 0.0
+    history: int = 0
+
+
+Turn = tuple[str, str, float]  # (observation text, action text, reward) of a past turn
+
+
+def history_messages(history: list[Turn], observation: str) -> list[dict[str, str]]:
+    """The chat messages of past turns [(observation, action, reward), ...] (oldest first)
+    followed by the current observation: user / assistant pairs, each reward opening the
+    next user message."""
+    messages: list[dict[str, str]] = []
+    reward_line = ""
+    for obs_text, action_text, reward in history:
+        messages.append({"role": "user", "content": reward_line + obs_text})
+        messages.append({"role": "assistant", "content": action_text})
+        reward_line = f"Reward: {reward:+g}\n"
+    messages.append({"role": "user", "content": reward_line + observation})
+    return messages
 
 
 class ActOutput(NamedTuple):
@@ -356,18 +380,25 @@ def encode_observations(
     train_config: TrainConfig,
     config: RolloutConfig,
     pad_id: int = 0,
+    histories: list[list[Turn]] | None = None,
 ) -> Observation:
     """Memory-free observations [B, ...] of ``raw_obs``: [system, user] chat prompts padded
     to ``config.prompt_len`` (unpadded shared prefix first when ``train_config.prefix_len``),
-    and in score mode the ``candidates`` [B, A, C]. Used by ``Rollout`` and the agent."""
+    and in score mode the ``candidates`` [B, A, C]. Used by ``Rollout`` and the agent.
+    histories: per row, the episode's past turns to show (``RolloutConfig.history``)."""
     convs = [
-        [
-            {"role": "system", "content": system_prompt},
-            {"role": "user", "content": format_observation(o)},
-        ]
-        for o in raw_obs
+        [{"role": "system", "content": system_prompt}]
+        + history_messages(histories[i] if histories else [], format_observation(o))
+        for i, o in enumerate(raw_obs)
     ]
     rows = chat_token_ids(tokenizer, convs, add_generation_prompt=True)
+    longest = max((len(r) for r in rows), default=0)
+    if longest > config.prompt_len:
+        more = f" with {config.history} turns of history" if histories else ""
+        raise ValueError(
+            f"a prompt of {longest} tokens{more} does not fit prompt_len={config.prompt_len} "
+            "(RolloutConfig.prompt_len, the launcher's --prompt_len): raise it"
+        )
     if train_config.prefix_len:
         tokens, mask = pad_after_prefix(rows, config.prompt_len, train_config.prefix_len, pad_id)
     else:
@@ -500,6 +531,7 @@ class Rollout:
             self.raw_obs.append(o)
             self.candidates.append(self._candidates(o, info))
         self.episode_returns = np.zeros(len(envs))
+        self.histories: list[list[Turn]] = [[] for _ in envs]  # the last H turns per env
         self.episodes = EpisodeStats()
         self.parse_failures = 0
         self.exploration = ExplorationCheck()
@@ -510,11 +542,18 @@ class Rollout:
         return list(info.get("candidates", []))
 
     # ------------------------------------------------------------------ host-side encoding
-    def encode(self, raw_obs: list[Any], candidates: list[list[str]]) -> Observation:
-        """Tokenizes one step's observations (and candidates in score mode) for all envs."""
+    def encode(
+        self, raw_obs: list[Any], candidates: list[list[str]],
+        histories: list[list[Turn]] | None = None,
+    ) -> Observation:  # fmt: skip
+        """Tokenizes one step's observations (and candidates in score mode) for all envs,
+        with each env's recent turns when ``RolloutConfig.history`` (default: the current
+        episodes')."""
         return encode_observations(
             self.tokenizer, self.system_prompt, self.format_observation, raw_obs, candidates,
             self.train_config, self.config, self.pad_id,
+            histories=(self.histories if histories is None else histories)
+            if self.config.history else None,
         )  # fmt: skip
 
     def _render(self, texts: list[str], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -558,9 +597,9 @@ class Rollout:
         )
         return cache.lookup(obs, count=False)
 
-    def _look(self, state: TrainState, raw_obs: list[Any], candidates) -> ActOutput:
+    def _look(self, state: TrainState, raw_obs: list[Any], candidates, histories=None) -> ActOutput:
         """The policy's view (memory spliced) and value of observations it will not act on."""
-        return self._act(state, self.encode(raw_obs, candidates))
+        return self._act(state, self.encode(raw_obs, candidates, histories))
 
     # ------------------------------------------------------------------ the loop
     def collect(self, state: TrainState) -> tuple[TrainState, Trajectory]:
@@ -601,6 +640,7 @@ class Rollout:
                 if not self.greedy:
                     self.exploration.observe(actions, replies)
             final_obs, final_cands = list(self.raw_obs), list(self.candidates)
+            final_hist = list(self.histories)
             step_texts = []
             for i, env in enumerate(self.envs):
                 obs_text = self.format_observation(self.raw_obs[i])
@@ -614,7 +654,11 @@ class Rollout:
                 truncated[i, step] = trunc and not term
                 self.episode_returns[i] += r
                 step_texts.append(self._render_step(env, obs_text, action_texts[i], r))
+                if self.config.history:
+                    turns = self.histories[i] + [(obs_text, action_texts[i], float(r))]
+                    self.histories[i] = final_hist[i] = turns[-self.config.history :]
                 if term or trunc:
+                    self.histories[i] = []  # the next episode starts without history
                     final_obs[i], final_cands[i] = o, self._candidates(o, info)
                     self.episodes.add(float(self.episode_returns[i]))
                     self.episode_returns[i] = 0.0
@@ -626,6 +670,7 @@ class Rollout:
                     # The episode outlived the trajectory: it is cut here and restarts at
                     # the next collect (its return so far is what the stats record).
                     truncated[i, step] = True
+                    self.histories[i] = []
                     final_obs[i], final_cands[i] = o, self._candidates(o, info)
                     self.episodes.add(float(self.episode_returns[i]))
                     self.episode_returns[i] = 0.0
@@ -635,7 +680,7 @@ class Rollout:
             if ended_here.any():
                 # Truncation is not termination: bootstrap from V(true final observation);
                 # off-policy rows also keep that observation as their s'.
-                view = self._look(state, final_obs, final_cands)
+                view = self._look(state, final_obs, final_cands, final_hist)
                 final_views[step] = view
                 final_values[:, step] = np.where(truncated[:, step], np.asarray(view.values), 0.0)
             if mcfg.use_working:
@@ -703,6 +748,7 @@ class Rollout:
         for i, env in enumerate(self.envs):
             o, info = env.reset(seed=base + i // g) if g else env.reset()
             self.raw_obs[i], self.candidates[i] = o, self._candidates(o, info)
+            self.histories[i] = []
         self.episode_returns[:] = 0.0
 
     def _step(self, env: gym.Env, i: int, action: Any):

@@ -185,3 +185,24 @@ def test_bf16_precision_keeps_float32_masters_and_resumes_with_its_dtypes(tmp_pa
                                jax.tree.leaves(state.trainable), strict=True))  # fmt: skip
     with pytest.raises(ValueError, match="precision"):
         cfg.replace(precision="fp16").validate()
+
+
+def test_history_baseline_through_the_launcher_and_its_checkpoint(tmp_path):
+    """--history=2 trains through the launcher (prompts sized by --prompt_len), and the
+    rollout's per-env histories are part of the checkpoint (a resume continues them)."""
+    from rllama_jax.experiment.checkpoint import RunCheckpointer
+
+    # 2 updates of 3 turns: 6 turns into 4-turn T-maze episodes, mid-episode at the end.
+    cfg = ExperimentConfig(**{**SMALL, "memory": "none", "total_steps": 24,
+                              "steps_per_update": 3},
+                           workdir=str(tmp_path), history=2, prompt_len=256)  # fmt: skip
+    result = run_experiment(cfg, progress=False, log=lambda *_: None)
+    assert result.updates == 2 and np.isfinite(read_records(cfg.workdir)[-1]["loss"])
+    _, host = RunCheckpointer(cfg.workdir).restore(load_run(cfg.workdir)[-1])
+    from rllama_jax.experiment.checkpoint import _decode
+
+    histories = _decode(host["rollout"]["fields"])["histories"]
+    assert len(histories) == SMALL["num_envs"] and all(len(h) <= 2 for h in histories)
+    assert all(len(h) == 2 for h in histories)
+    with pytest.raises(ValueError, match="history must be >= 0"):
+        cfg.replace(history=-1).validate()

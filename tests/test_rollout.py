@@ -371,3 +371,63 @@ def test_heads_mode_kl_reference_is_the_llm_without_the_policy_head(tok):
     head["w"] = 0.5 * jax.random.normal(jax.random.key(2), head["w"].shape)
     _, metrics = step(state, batch)
     assert float(metrics["kl_ref"]) > 1e-4
+
+
+def test_history_baseline_shows_the_episodes_past_turns(tok):
+    """RolloutConfig.history=H: each prompt holds the last H turns of its own episode as
+    user/assistant messages (the reward opening the next user message), and nothing from
+    the previous episode; the agent's act() builds the same prompts; a prompt that outgrows
+    prompt_len says which setting to raise."""
+    from rllama_jax import RLlamaAgent
+    from rllama_jax.rollout import history_messages
+
+    assert history_messages([("o1", "a1", 1.0), ("o2", "a2", -1.0)], "o3") == [
+        {"role": "user", "content": "o1"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "Reward: +1\no2"}, {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "Reward: -1\no3"},
+    ]  # fmt: skip
+    cfg = TrainConfig(algorithm=PPO(epochs=1), trainable="lora", lora=LoraConfig(rank=2))
+    state = init_train_state(cfg, MODEL, init_params(MODEL, jax.random.key(0)), jax.random.key(1))
+    # corridor 1: signpost, corridor, junction: 3 turns per episode.
+    make = lambda: gym.make("rllama/TMaze-v0", corridor_length=1)  # noqa: E731
+    rcfg = RolloutConfig(num_steps=4, prompt_len=256, max_actions=2, candidate_len=3, history=2)
+    rollout = Rollout([make()], tok, MODEL, cfg, rcfg, seed=3)
+    _, traj = rollout.collect(state)
+    text = [tok.decode(np.asarray(traj.obs.prompt_tokens[0, s])[np.asarray(
+        traj.obs.prompt_mask[0, s], bool)]) for s in range(4)]  # fmt: skip
+    assert "Reward:" not in text[0] and text[0].count("<|im_start|>user") == 1
+    assert text[1].count("<|im_start|>user") == 2 and "Reward: +0" in text[1]
+    assert text[2].count("<|im_start|>user") == 3  # signpost and corridor turns
+    assert "go forward" in text[2] and "signpost" in text[2].lower()
+    assert text[3].count("<|im_start|>user") == 1  # a new episode: no history
+    # The agent's single-env loop shows the same past turns.
+
+    class Agent(RLlamaAgent):
+        def get_system_prompt(self):
+            return make().unwrapped.system_prompt
+
+        def format_observation(self, observation):
+            return observation
+
+        def extract_action(self, response):
+            return response
+
+        def candidate_actions(self, observation):
+            return ["turn left", "turn right"] if "junction" in observation else ["go forward"]
+
+    agent = Agent((MODEL, init_params(MODEL, jax.random.key(0)), tok), history=2,
+                  prompt_len=256, max_actions=2, candidate_len=3, lora_rank=2)  # fmt: skip
+    env = make()
+    o, _ = env.reset(seed=3)
+    for _ in range(3):
+        a = agent.act(o)
+        o, r, *_ = env.step(agent.candidate_actions(o).index(a))
+        agent.assign_reward(r)
+    seen = agent._episode[-1].obs
+    mine = tok.decode(np.asarray(seen.prompt_tokens[0])[np.asarray(seen.prompt_mask[0], bool)])
+    assert mine.count("<|im_start|>user") == 3 and "Reward: +0" in mine
+    with pytest.raises(ValueError, match="act_batch"):
+        agent.act_batch([o, o])
+    short = Rollout([make()], tok, MODEL, cfg, dataclasses.replace(rcfg, prompt_len=90), seed=3)
+    with pytest.raises(ValueError, match="does not fit prompt_len=90.*--prompt_len"):
+        short.collect(state)

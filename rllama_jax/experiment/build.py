@@ -130,6 +130,7 @@ def rollout_config(cfg: ExperimentConfig, *, num_steps: int | None = None) -> Ro
         candidate_len=cfg.effective_candidate_len,
         fallback_action=cfg.fallback_action,
         parse_penalty=cfg.parse_penalty,
+        history=cfg.history,
     )
 
 

@@ -47,7 +47,7 @@ from rllama_jax.train import TrainState
 # Host-side attributes of ``Rollout`` that carry the loop's position between collects.
 _ROLLOUT_FIELDS = (
     "raw_obs", "candidates", "episode_returns", "episodes", "parse_failures",
-    "_group_round", "insert_at",
+    "_group_round", "insert_at", "histories",
 )  # fmt: skip
 
 

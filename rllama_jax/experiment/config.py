@@ -137,6 +137,12 @@ class ExperimentConfig:
     prompt_len: int = _field(0, "Prompt width in tokens before memory; 0: the env preset's.")
     max_actions: int = _field(0, "Candidate slots (score mode); 0: the env preset's.")
     candidate_len: int = _field(0, "Tokens per candidate (score mode); 0: the env preset's.")
+    history: int = _field(
+        0,
+        "Full-history baseline: the last H turns of the episode in the prompt as chat "
+        "messages (observation, action, reward), as LlamaGym and BALROG agents do; raise "
+        "--prompt_len to hold them. 0: the current observation alone.",
+    )
     share_prefix: bool = _field(
         True,
         "Run the shared system prompt once per call (acting and training, score and "
@@ -334,6 +340,8 @@ class ExperimentConfig:
             )
         if self.microbatch_rows < 0:
             raise ValueError(f"--microbatch_rows must be >= 0, got {self.microbatch_rows}")
+        if self.history < 0:
+            raise ValueError(f"--history must be >= 0, got {self.history}")
         if self.max_minutes < 0:
             raise ValueError(f"--max_minutes must be >= 0, got {self.max_minutes}")
         rows = self.steps_per_batch // self.minibatches
