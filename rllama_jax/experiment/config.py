@@ -70,6 +70,12 @@ ENV_PRESETS: dict[str, EnvPreset] = {
         "rllama/TMaze-v0", (("corridor_length", 2),), prompt_len=128, candidate_len=3,
         references=TMAZE_REFERENCES,
     ),
+    # The cue must survive 8 corridor steps: working memory needs a window of 10 (signpost,
+    # 8 corridor steps, the junction's own step is the query).
+    "tmaze-long": EnvPreset(
+        "rllama/TMaze-v0", (("corridor_length", 8),), prompt_len=128, candidate_len=3,
+        references=TMAZE_REFERENCES,
+    ),
     "bandit": EnvPreset(
         "rllama/KeyedBandit-v0", prompt_len=160, max_actions=4, references=BANDIT_REFERENCES
     ),
