@@ -43,7 +43,9 @@ PRESETS: dict[str, Preset] = {
         base=dict(_TINY, algo="ppo", gamma=0.95, num_envs=16, steps_per_update=8),
         envs={
             "tmaze": dict(env="tmaze", total_steps=4096),
+            "tmaze-long": dict(env="tmaze-long", total_steps=8192, working_window=10),
             "bandit": dict(env="bandit", total_steps=4096, steps_per_update=4),
+            "bandit-shifting": dict(env="bandit-shifting", total_steps=8192, steps_per_update=4),
             "blackjack": dict(env="blackjack", total_steps=8192, gamma=1.0),
         },
         settings={
@@ -51,6 +53,8 @@ PRESETS: dict[str, Preset] = {
             "working": dict(memory="working"),
             "episodic": dict(memory="episodic"),
             "both": dict(memory="both"),
+            # The baseline LlamaGym/BALROG agents use: the episode's last 10 turns as chat.
+            "history": dict(memory="none", history=10, prompt_len=768),
         },
         seeds=(0, 1),
     ),
