@@ -281,6 +281,16 @@ def _case(checks: dict, name: str) -> dict:
     return result
 
 
+def sharding_tolerance(key: str, update_size: float) -> float:
+    """1e-5 for losses, optimizer moments, targets and replay; the parameters also get 0.1%
+    of the largest parameter move. A sharded step sums the same gradient terms in another
+    order (float32 rounding), and Adam divides each gradient by its own running RMS: an
+    element whose gradient nearly cancels can move by a visibly different fraction of the
+    learning rate (seen: one `wo` element of DQN's full fine-tuning, 1.2e-5 off on a 1.2e-2
+    move, with every moment within 1e-5)."""
+    return 1e-5 + (1e-3 * update_size if key == "trainable_diff" else 0.0)
+
+
 @pytest.mark.parametrize("case", ["train_ppo", "train_dqn"])
 def test_sharded_train_step_matches_one_device(checks, case):
     """(4,1,1), (2,2,1), (1,2,2): two steps give the single-device losses, parameters,
@@ -292,7 +302,7 @@ def test_sharded_train_step_matches_one_device(checks, case):
         assert info["step"] == 2
         for key, value in info.items():
             if key.endswith("_diff"):
-                assert value <= 1e-5, (mesh, key, value)
+                assert value <= sharding_tolerance(key, result["update_size"]), (mesh, key, value)
     assert result["ok"]
 
 

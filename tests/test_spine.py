@@ -169,7 +169,8 @@ def agent_for(cfg: ExperimentConfig, tiny, algorithm=None, **kw) -> ProbeAgent:
         candidate_len=cfg.candidate_len, seed=cfg.seed, learning_rate=cfg.learning_rate,
         head_learning_rate=cfg.head_learning_rate, head_hidden=cfg.head_hidden,
         gamma=cfg.gamma, minibatches=cfg.minibatches, max_grad_norm=cfg.max_grad_norm,
-        policy_temperature=cfg.policy_temperature, remat=cfg.remat, **kw,
+        policy_temperature=cfg.policy_temperature, remat=cfg.remat,
+        share_prefix=cfg.share_prefix, **kw,
     )  # fmt: skip
 
 
