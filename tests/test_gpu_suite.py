@@ -15,7 +15,7 @@ SUITE = os.path.join(os.path.dirname(__file__), "..", "experiments", "gpu_suite.
 
 def test_gpu_suite_smoke_runs_every_section(tmp_path):
     proc = subprocess.run(
-        [sys.executable, SUITE, "--smoke", "--minutes=1", f"--out={tmp_path}"],
+        [sys.executable, SUITE, "--smoke", "--minutes=0.6", f"--out={tmp_path}"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
