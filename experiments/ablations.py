@@ -24,6 +24,13 @@ flags.DEFINE_list("seeds", [], "Override the preset's seeds, e.g. 0,1,2.")
 flags.DEFINE_list("envs", [], "Only these of the preset's environments, e.g. tmaze,bandit.")
 flags.DEFINE_integer("total_steps", 0, "Override every cell's environment steps (0: preset).")
 flags.DEFINE_string("model", "", "Override every cell's model (e.g. smollm2-135m-instruct).")
+flags.DEFINE_string("mesh", "", "Run every cell on this device mesh (train.py's --mesh).")
+flags.DEFINE_enum("precision", "", ["", "fp32", "bf16"], "Every cell's --precision ('': preset).")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host: jax.distributed.initialize() first (as train.py's --distributed; needs --mesh).",
+)
 flags.DEFINE_bool("progress", False, "Progress bar per cell.")
 flags.DEFINE_bool("report_only", False, "Run nothing: summarise the cells already finished.")
 FLAGS = flags.FLAGS
@@ -38,6 +45,12 @@ def main(argv: list[str]) -> None:
         overrides["total_steps"] = FLAGS.total_steps
     if FLAGS.model:
         overrides["model"] = FLAGS.model
+    if FLAGS.mesh:
+        overrides["mesh"] = FLAGS.mesh
+    if FLAGS.precision:
+        overrides["precision"] = FLAGS.precision
+    if FLAGS.distributed:
+        overrides["distributed"] = True
     try:
         seeds = tuple(int(s) for s in FLAGS.seeds) or None
     except ValueError as err:

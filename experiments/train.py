@@ -13,6 +13,7 @@ an interrupted run resumes it.
     python experiments/train.py --env=tmaze --memory=working --model=tiny --total_steps=4096
     python experiments/train.py --algo=dqn --workdir=runs/bj-dqn
     python experiments/train.py --trainable=lora --learning_rate=1e-4
+    python experiments/train.py --mesh=data:-1            # every local device, rows split
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
+from rllama_jax.distributed import maybe_initialize_distributed
 from rllama_jax.experiment import run_experiment
 from rllama_jax.experiment.build import check_env
 from rllama_jax.experiment.flags import config_from_flags, define_experiment_flags
@@ -55,6 +57,12 @@ def main(argv: list[str]) -> None:
         check_env(cfg)  # a non-text env stops here, before the model loads
     except ValueError as err:
         sys.exit(f"error: {err}")
+    try:  # before anything touches a device
+        maybe_initialize_distributed(cfg.distributed)
+    except Exception as err:  # noqa: BLE001 - JAX raises several kinds; one line for each
+        sys.exit(f"error: --distributed: jax.distributed.initialize() failed ({err}); run "
+                 "under SLURM / Open MPI / Kubernetes / Cloud TPU or set "
+                 "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID")  # fmt: skip
     try:
         run_experiment(cfg, progress=FLAGS.progress, sigkill_at_update=FLAGS.sigkill_at_update)
     except RunError as err:

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rllama_jax.algos import Algorithm, algorithm_class
+from rllama_jax.distributed import Placement, apply_precision, compute_config
+from rllama_jax.distributed.precision import check_precision
 from rllama_jax.loop import learn, train_loop
 from rllama_jax.memory import (
     EpisodicConfig,
@@ -231,6 +233,7 @@ class RLlamaAgent:
             ),
         )
         self._train_step = make_train_step(self.train_config, self.model_config)
+        self.precision = "fp32"  # agent.train(precision="bf16") switches it
         self._key = jax.random.key(seed + 1)
         self._episode: list[_Turn] = []  # the episode being played
         self._done: list[list[_Turn]] = []  # finished episodes (or their rest) not yet learned
@@ -518,15 +521,47 @@ class RLlamaAgent:
 
     # ------------------------------------------------------------------ batched training
     def train(
-        self, env: str | list[gym.Env], num_steps: int, num_envs: int = 8, **env_kwargs: Any
+        self,
+        env: str | list[gym.Env],
+        num_steps: int,
+        num_envs: int = 8,
+        *,
+        mesh: str | None = None,
+        precision: str | None = None,
+        **env_kwargs: Any,
     ) -> list[dict[str, float]]:
         """Trains on ``num_envs`` environments stepped together for ``num_steps`` env steps
         in total (rounded up to whole batches of ``num_envs * batch_size`` turns), with the
         launcher's loop (``rllama_jax.loop.train_loop``). Returns one record per update: the
-        train step's metrics, ``mean_return`` (last 100 episodes) and ``parse_failures``."""
+        train step's metrics, ``mean_return`` (last 100 episodes) and ``parse_failures``.
+
+        mesh: run on a device mesh of this process's devices, as the launcher's ``--mesh``
+        (e.g. ``"data:-1"``): the agent's state is placed by the partition rules and stays
+        there; acting and the train step are split by rows. precision: ``"fp32"`` or
+        ``"bf16"`` (bfloat16 compute on float32 masters, frozen weights stored in bfloat16),
+        kept by the agent from then on; None keeps the agent's.
+        """
         envs = (
             [gym.make(env, **env_kwargs) for _ in range(num_envs)] if isinstance(env, str) else env
         )
+        if precision is not None and precision != self.precision:
+            check_precision(precision)
+            self.precision = precision
+            self.model_config = compute_config(self.model_config, precision)
+            self.state = apply_precision(self.state, precision)
+            self._train_step = make_train_step(self.train_config, self.model_config)
+        placement = None
+        train_step = self._train_step
+        if mesh:
+            if jax.process_count() > 1:
+                raise ValueError(
+                    "agent.train(mesh=...) runs in one process; for several use the launcher "
+                    "(experiments/train.py --mesh=... --distributed)"
+                )
+            placement = Placement(mesh, self.model_config, self.precision)
+            placement.check_rows(len(envs), "num_envs")
+            self.state = placement.state(self.state)
+            train_step = placement.train_step(self.train_config)
         working = self.state.memory.working
         if working is not None and working.valid.shape[0] != len(envs):
             self.state = self.state.replace(
@@ -540,6 +575,7 @@ class RLlamaAgent:
             seed=self.seed, extract_action=self.extract_action,
             format_observation=self.format_observation, system_prompt=self.get_system_prompt(),
             candidate_actions=self.candidate_actions if has_candidates else None,
+            placement=placement,
         )  # fmt: skip
         history: list[dict[str, float]] = []
 
@@ -554,7 +590,7 @@ class RLlamaAgent:
 
         per_batch = len(envs) * self.rollout_config.num_steps
         updates = -(-num_steps // per_batch)
-        self.state = train_loop(rollout, self.state, self._train_step, updates, on_update=record)
+        self.state = train_loop(rollout, self.state, train_step, updates, on_update=record)
         return history
 
     # ------------------------------------------------------------------ persistence

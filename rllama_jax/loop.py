@@ -5,6 +5,9 @@ and the notebooks all run ``train_loop``; the agent's single-env API, which coll
 own trajectories, runs its body ``learn``. What differs between algorithms lives in the
 algorithm object (``rllama_jax.algos``): the loop never asks which one it runs.
 
+``train_loop`` hands the train step what ``Rollout.to_device`` makes of the trajectory: the
+global batch split over the mesh when the rollout has a ``Placement``.
+
 ``learn`` standardises the heads' inputs on the first trajectory of a fresh state (when
 ``TrainConfig.head_input_norm`` asks for it: step 0, so a restored state keeps its
 statistics) and then takes one train step.
@@ -78,7 +81,7 @@ def train_loop(
         t1 = time.perf_counter()
         if before_train is not None:
             before_train(update + 1)
-        state, metrics = learn(state, traj, train_step, config)
+        state, metrics = learn(state, rollout.to_device(traj), train_step, config)
         t2 = time.perf_counter()
         if on_update is not None:
             on_update(LoopRecord(update + 1, metrics, t1 - t0, t2 - t1, traj), state)

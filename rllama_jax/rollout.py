@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rllama_jax.distributed.placement import Placement
 from rllama_jax.feature_cache import FeatureCache
 from rllama_jax.heads import apply_head
 from rllama_jax.losses import masked_log_softmax
@@ -464,6 +465,10 @@ class Rollout:
     episode cut at T turns).
     feature_cache: memoized frozen-LLM features (``rllama_jax.feature_cache``): a step whose
     rows were all seen before runs only the heads. Several rollouts may share one.
+    placement: run on a device mesh (``rllama_jax.distributed.Placement``): ``envs`` are this
+    process's share of the run's environments (global rows ``[offset, offset + len(envs))``,
+    offset = process index x len(envs)); acting is sharded and ``to_device`` assembles the
+    global trajectory. None: the default device, one process.
     """
 
     def __init__(
@@ -482,8 +487,14 @@ class Rollout:
         greedy: bool = False,
         feature_cache: FeatureCache | None = None,
         episode_rows: bool | None = None,
+        placement: Placement | None = None,
     ) -> None:
         mcfg = train_config.memory
+        if placement is not None and placement.processes > 1 and feature_cache is not None:
+            raise ValueError(
+                "feature_cache is per process and acting is sharded over several processes: "
+                "leave it out (--feature_cache=0) in a multi-process run"
+            )
         if feature_cache is not None and (
             not train_config.caches_features or mcfg.enabled or train_config.action_mode != "score"
         ):
@@ -506,6 +517,11 @@ class Rollout:
         self.extract_action = extract_action
         self.candidate_actions = candidate_actions
         self.greedy = greedy
+        self.placement = placement
+        # This process's first row among the run's (one process: 0).
+        self.row_offset = (
+            0 if placement is None else placement.row_offset(len(envs) * placement.processes)
+        )
         algo = train_config.algorithm
         self.whole_episodes = algo.whole_episodes if episode_rows is None else episode_rows
         self.group_size = algo.group_size if self.whole_episodes else 0
@@ -523,7 +539,8 @@ class Rollout:
         self.insert_at = np.full(len(envs), shared, np.int32)
         self._seed = seed
         self._group_round = 0
-        seeds = seeds if seeds is not None else [seed + i for i in range(len(envs))]
+        if seeds is None:
+            seeds = [seed + self.row_offset + i for i in range(len(envs))]
         self.raw_obs: list[Any] = []
         self.candidates: list[list[str]] = []
         for env, s in zip(envs, seeds, strict=True):
@@ -564,11 +581,21 @@ class Rollout:
         cached = None
         if self.feature_cache is not None:
             cached = self._cached_features(state, obs)
-        out = act(
-            state.trainable, state.frozen, state.memory,
-            obs if cached is None else obs.replace(features=cached),
-            self.insert_at, sub, self.model_config, self.train_config, self.greedy, state.step,
-        )  # fmt: skip
+        if cached is not None:
+            obs = obs.replace(features=cached)
+        if self.placement is None:
+            out = act(
+                state.trainable, state.frozen, state.memory, obs, self.insert_at, sub,
+                self.model_config, self.train_config, self.greedy, state.step,
+            )  # fmt: skip
+        else:  # this process's rows in, the global batch acted on sharded, its rows out
+            p = self.placement
+            out = p.host(
+                p.act(self.train_config, self.greedy)(
+                    state.trainable, state.frozen, state.memory, p.rows(obs),
+                    p.rows(self.insert_at), sub, state.step,
+                )
+            )  # fmt: skip
         if self.feature_cache is not None and cached is None:
             self.feature_cache.insert(obs, out.obs.features)
         return out
@@ -596,6 +623,13 @@ class Rollout:
             jax.tree.map(lambda x: x[:k], part), jax.tree.map(lambda x: np.asarray(x)[:k], feats)
         )
         return cache.lookup(obs, count=False)
+
+    def to_device(self, tree: Any) -> Any:
+        """Host arrays of this rollout's rows (a ``Trajectory``) as device arrays for the train
+        step: with a placement, the global batch split by rows over the mesh."""
+        if self.placement is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return self.placement.rows(tree)
 
     def _look(self, state: TrainState, raw_obs: list[Any], candidates, histories=None) -> ActOutput:
         """The policy's view (memory spliced) and value of observations it will not act on."""
@@ -687,8 +721,9 @@ class Rollout:
                 tokens, mask = self._render(step_texts, mcfg.working.max_tokens)
                 done = terminated[:, step] | truncated[:, step] | ~valid[:, step]
                 memory = remember_step(
-                    state.memory, mcfg, tokens, mask * valid[:, step, None], out.keys,
-                    jnp.abs(jnp.asarray(rewards[:, step])), jnp.asarray(done),
+                    state.memory, mcfg,
+                    *self.to_device((tokens, mask * valid[:, step, None], np.asarray(out.keys),
+                                     np.abs(rewards[:, step]), done)),
                 )  # fmt: skip
                 state = state.replace(memory=memory)
         # The value after the last turn matters only where an episode goes on past it (and
@@ -732,7 +767,7 @@ class Rollout:
             old_values=stack(*[o.values for o in outs]),
             final_values=final_values,
             bootstrap_value=bootstrap,
-            group_ids=np.arange(n, dtype=np.int32) // g if g else None,
+            group_ids=(np.arange(n, dtype=np.int32) + self.row_offset) // g if g else None,
             **fields,
         )
 
@@ -743,10 +778,11 @@ class Rollout:
         n = len(self.envs)
         if g and n % g:
             raise ValueError(f"{n} envs cannot form groups of group_size={g}")
-        base = self._group_round * (n // max(g, 1)) + self._seed
+        procs = 1 if self.placement is None else self.placement.processes
+        base = self._group_round * (n * procs // max(g, 1)) + self._seed
         self._group_round += 1
         for i, env in enumerate(self.envs):
-            o, info = env.reset(seed=base + i // g) if g else env.reset()
+            o, info = env.reset(seed=base + (self.row_offset + i) // g) if g else env.reset()
             self.raw_obs[i], self.candidates[i] = o, self._candidates(o, info)
             self.histories[i] = []
         self.episode_returns[:] = 0.0

@@ -7,15 +7,19 @@ Modules:
   rules: path/shape -> ``PartitionSpec`` (pure functions, no devices).
   precision: ``precision="bf16"``: bfloat16 compute, float32 masters and optimizer state.
   sharded: placement helpers and the sharded compiled calls.
+  placement: ``Placement``, what the training loop, the rollout and the launcher use to run
+    a whole experiment on a mesh (``--mesh``), one process or many (``--distributed``).
 """
 
 from rllama_jax.distributed.mesh import (
     AXES,
     BATCH_AXES,
+    check_mesh_spec,
     make_mesh,
     maybe_initialize_distributed,
     parse_mesh_spec,
 )
+from rllama_jax.distributed.placement import Placement  # noqa: E402 (uses sharded)
 from rllama_jax.distributed.precision import PRECISIONS, apply_precision, compute_config
 from rllama_jax.distributed.rules import RULES, batch_spec, param_spec, state_spec
 from rllama_jax.distributed.sharded import (
@@ -39,10 +43,12 @@ __all__ = [
     "BATCH_AXES",
     "PRECISIONS",
     "RULES",
+    "Placement",
     "ShardedFunction",
     "apply_precision",
     "batch_shardings",
     "batch_spec",
+    "check_mesh_spec",
     "compute_config",
     "load_sharded",
     "make_mesh",

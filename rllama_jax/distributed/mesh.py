@@ -35,6 +35,19 @@ def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]
     needs ``num_devices``). When ``num_devices`` is given, the sizes must multiply to it.
     Raises ``ValueError`` naming what is wrong.
     """
+    return _resolve(_axis_sizes(spec), num_devices, spec)
+
+
+def check_mesh_spec(spec: str) -> None:
+    """Raises ``ValueError`` naming what is wrong with ``spec``'s syntax (axes, sizes, at
+    most one ``-1``) without looking at devices: for validating settings before JAX starts."""
+    sizes = _axis_sizes(spec)
+    rest = [a for a, s in sizes.items() if s == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh spec {spec!r}: only one axis may be -1, got {rest}")
+
+
+def _axis_sizes(spec: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
     entries = [e.strip() for e in spec.split(",")] if spec.strip() else []
     if not entries:
@@ -54,7 +67,7 @@ def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]
         if size < 1 and size != -1:
             raise ValueError(f"mesh axis {name!r} has size {size}; sizes are >= 1, or -1")
         sizes[name] = size
-    return _resolve({a: sizes.get(a, 1) for a in AXES}, num_devices, spec)
+    return {a: sizes.get(a, 1) for a in AXES}
 
 
 def _resolve(sizes: dict[str, int], num_devices: int | None, spec: Any) -> dict[str, int]:

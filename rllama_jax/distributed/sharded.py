@@ -179,6 +179,12 @@ class ShardedFunction:
         fn, in_sh = self.jitted(*args)
         return fn(*place(args, in_sh))
 
+    def lower(self, *args: Any) -> Any:
+        """``jax.jit(...).lower`` for ``args`` (arrays or ``jax.ShapeDtypeStruct``s): what
+        ``.compile()`` turns into the executable a call with that signature runs."""
+        fn, _ = self.jitted(*args)
+        return fn.lower(*args)
+
 
 def make_sharded_train_step(
     config: TrainConfig,
@@ -247,22 +253,31 @@ def make_sharded_score(
 
 
 def make_sharded_act(
-    mesh: Mesh, model_config: LlamaConfig, config: TrainConfig, *, precision: str = "fp32"
+    mesh: Mesh,
+    model_config: LlamaConfig,
+    config: TrainConfig,
+    *,
+    precision: str = "fp32",
+    greedy: bool = False,
 ) -> ShardedFunction:
-    """``act(trainable, frozen, memory, obs, insert_at, key) -> ActOutput`` over ``mesh``
-    (``rollout.act``): trainable / frozen parameters and working memory [E] as in the train
-    state, observations and ``insert_at`` [B] over the batch axes, key replicated."""
+    """``act(trainable, frozen, memory, obs, insert_at, key, update=0) -> ActOutput`` over
+    ``mesh`` (``rollout.act``): trainable / frozen parameters and working memory [E] as in
+    the train state, observations and ``insert_at`` [B] over the batch axes, key and
+    ``update`` (train steps so far, for exploration schedules) replicated."""
     from rllama_jax.rollout import act
 
     cfg = compute_config(model_config, precision)
     sizes = dict(mesh.shape)
     replicated = NamedSharding(mesh, P())
 
-    def fn(trainable, frozen, memory, obs, insert_at, key):
-        return act(trainable, frozen, memory, obs, insert_at, key, model_config=cfg, config=config)
+    def fn(trainable, frozen, memory, obs, insert_at, key, update=0):
+        return act(
+            trainable, frozen, memory, obs, insert_at, key, model_config=cfg, config=config,
+            greedy=greedy, update=update,
+        )  # fmt: skip
 
     def arg_shardings(args: tuple[Any, ...]) -> tuple[Any, ...]:
-        trainable, frozen, memory, obs, insert_at, _ = args
+        trainable, frozen, memory, obs, insert_at = args[:5]
 
         def in_state(tree: Any, name: str) -> Any:
             return tree_shardings(
@@ -275,7 +290,7 @@ def make_sharded_act(
             in_state(memory, "memory"),
             batch_shardings(obs, mesh),
             batch_shardings(insert_at, mesh),
-            replicated,
+            *(replicated for _ in args[5:]),
         )
 
     return ShardedFunction(fn, arg_shardings, _rows_out(fn, mesh))

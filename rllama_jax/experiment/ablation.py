@@ -15,6 +15,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
+import jax
 import numpy as np
 
 from rllama_jax.experiment.config import ExperimentConfig
@@ -158,7 +159,8 @@ def run_preset(
                      **{k: summary[k] for k in FIELDS if k in summary}})  # fmt: skip
     if not rows:
         raise ValueError(f"no finished cell of preset {name!r} under {out}")
-    write_reports(name, rows, out)
+    if jax.process_index() == 0:  # a multi-host grid: one writer
+        write_reports(name, rows, out)
     return rows
 
 

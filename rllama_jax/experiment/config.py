@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from rllama_jax.algos import ALGORITHMS, REGISTRY, algorithm_class, option_names
+from rllama_jax.distributed.mesh import check_mesh_spec
 from rllama_jax.envs.blackjack import blackjack_extract_action
 from rllama_jax.train.state import ACTION_MODES, TRAINABLE
 
@@ -241,6 +242,20 @@ class ExperimentConfig:
         "GPUs and TPUs; on CPU float32 is the fast dtype.",
         ("fp32", "bf16"),
     )
+    mesh: str = _field(
+        "",
+        "Run on a device mesh, e.g. 'data:2,fsdp:2' ('-1' for one axis: the devices the "
+        "others leave; axes data, fsdp, tensor): parameters and optimizer state placed by "
+        "the partition rules, acting and the train step split by rows over data x fsdp. "
+        "'': the default device. Resuming may change it.",
+    )
+    distributed: bool = _field(
+        False,
+        "Multi-host: jax.distributed.initialize() before any device is touched (coordinator "
+        "found on Cloud TPU, SLURM, Open MPI, Kubernetes, else from JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID); every process runs the same command and steps "
+        "its share of --num_envs; --mesh spans all processes' devices.",
+    )
     max_minutes: float = _field(
         0.0,
         "Stop after the update during which this much wall time has passed (then evaluate, "
@@ -348,6 +363,14 @@ class ExperimentConfig:
             raise ValueError(f"--microbatch_rows must be >= 0, got {self.microbatch_rows}")
         if self.history < 0:
             raise ValueError(f"--history must be >= 0, got {self.history}")
+        if self.mesh:
+            try:
+                check_mesh_spec(self.mesh)
+            except ValueError as err:
+                raise ValueError(f"--mesh: {err}") from None
+        if self.distributed and not self.mesh:
+            raise ValueError("--distributed needs --mesh (e.g. --mesh=data:-1: every device of "
+                             "every process on the data axis)")  # fmt: skip
         if self.max_minutes < 0:
             raise ValueError(f"--max_minutes must be >= 0, got {self.max_minutes}")
         rows = self.steps_per_batch // self.minibatches
@@ -405,7 +428,7 @@ class ExperimentConfig:
 RESUMABLE_CHANGES = frozenset(
     {"total_steps", "workdir", "eval_every", "eval_episodes", "eval_envs", "checkpoint_every",
      "keep_checkpoints", "wandb_project", "feature_cache", "remat", "microbatch_rows",
-     "max_minutes"}
+     "max_minutes", "mesh", "distributed"}
 )  # fmt: skip
 
 

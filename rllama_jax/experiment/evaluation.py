@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from rllama_jax.distributed import Placement
 from rllama_jax.experiment.build import extract_action, make_envs
 from rllama_jax.experiment.build import feature_cache as build_feature_cache
 from rllama_jax.experiment.config import ExperimentConfig
@@ -65,6 +66,7 @@ def evaluate(
     seed: int | None = None,
     steps_per_collect: int = 4,
     feature_cache: FeatureCache | None = None,
+    placement: Placement | None = None,
 ) -> EvalResult:
     """Mean return of ``episodes`` episodes of the policy in ``state`` (see module doc).
 
@@ -72,6 +74,9 @@ def evaluate(
     same every call, so successive evaluations of a run compare on the same episodes).
     feature_cache: memoized frozen-LLM features to use (e.g. the training loop's); by default
     one is made for this call when ``cfg`` and the train config allow it.
+    placement: act sharded on its mesh; each process plays its share of the environments
+    (the same ones, with the same seeds, as a single-process evaluation) and the returns are
+    gathered, so every process gets the whole result.
     """
     num_envs = min(num_envs, episodes)
     quota = -(-episodes // num_envs)
@@ -79,28 +84,41 @@ def evaluate(
     memory = init_memory(train_config.memory, num_envs)
     if state.memory.episodic is not None:
         memory = memory.replace(episodic=state.memory.episodic)
+    local, processes = num_envs, 1
+    if placement is not None:
+        memory = placement.memory(memory)
+        local, processes = placement.local_rows(num_envs), placement.processes
+    if feature_cache is None and processes == 1:  # caches are per process
+        feature_cache = build_feature_cache(cfg, train_config)
     view = state.replace(memory=memory)
     rollout = Rollout(
-        make_envs(cfg, num_envs), tokenizer, model_config, train_config,
+        make_envs(cfg, local), tokenizer, model_config, train_config,
         RolloutConfig(
             num_steps=steps_per_collect, prompt_len=cfg.effective_prompt_len,
             max_actions=cfg.effective_max_actions, candidate_len=cfg.effective_candidate_len,
         ),
         seed=seed, extract_action=extract_action(cfg) if cfg.action_mode == "generate" else None,
         greedy=greedy, episode_rows=False,  # independent episodes, whatever the algorithm
-        feature_cache=feature_cache or build_feature_cache(cfg, train_config),
+        feature_cache=feature_cache, placement=placement,
     )  # fmt: skip
-    running = np.zeros(num_envs)
-    done: list[list[float]] = [[] for _ in range(num_envs)]
-    while min(len(d) for d in done) < quota:
+    running = np.zeros(local)
+    done: list[list[float]] = [[] for _ in range(local)]
+
+    def playing() -> bool:  # every process steps until the last one has its quota
+        short = float(min(len(d) for d in done) < quota)
+        return (short if processes == 1 else placement.total(short)) > 0
+
+    while playing():
         view, batch = rollout.collect(view)
         ends = np.asarray(batch.terminated) | np.asarray(batch.truncated)
         rewards = np.asarray(batch.rewards)
-        for i in range(num_envs):
+        for i in range(local):
             for t in range(rewards.shape[1]):
                 running[i] += rewards[i, t]
                 if ends[i, t]:
                     done[i].append(float(running[i]))
                     running[i] = 0.0
-    returns = np.concatenate([np.asarray(d[:quota]) for d in done])[:episodes]
-    return EvalResult(returns)
+    returns = np.concatenate([np.asarray(d[:quota]) for d in done])
+    if processes > 1:  # environment order: process 0's first, as in a single process
+        returns = placement.gather(returns)
+    return EvalResult(returns[:episodes])
