@@ -8,7 +8,7 @@ devices share the same cores: this shows that the sharded loop is correct and ho
 divides (per-device FLOPs), not a speed-up; on a multi-GPU host pass real meshes with
 ``--child``.
 
-    python benchmarks/bench_launcher_mesh.py                   # data:1, data:2, data:2,fsdp:2
+    python benchmarks/bench_launcher_mesh.py        # data:1; data:2; data:4; data:2,fsdp:2
     python benchmarks/bench_launcher_mesh.py --child --mesh=data:-1 --model=smollm2-135m-instruct
 """
 
@@ -24,10 +24,12 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("meshes", ["data:1", "data:2", "data:2,fsdp:2"], "One process each.")
+flags.DEFINE_string(
+    "meshes", "data:1;data:2;data:4;data:2,fsdp:2", "Mesh specs separated by ';', one process each."
+)
 flags.DEFINE_string("model", "tiny", "--model of the runs.")
 flags.DEFINE_string("env", "tmaze", "--env of the runs.")
 flags.DEFINE_string("memory", "working", "--memory of the runs.")
@@ -97,7 +99,7 @@ def run_parent() -> list[dict]:
     import numpy as np
 
     results, base = [], tempfile.mkdtemp(prefix="bench-mesh-")
-    for spec in FLAGS.meshes:
+    for spec in FLAGS.meshes.split(";"):
         devices = math.prod(int(e.split(":")[1]) for e in spec.split(","))
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -125,6 +127,7 @@ def run_parent() -> list[dict]:
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if FLAGS.child:
         print(json.dumps(run_child()))
         return
