@@ -228,3 +228,31 @@ def test_agent_shares_the_system_prompt_and_acts_as_without(tiny, mode):
     shared.get_system_prompt = lambda: "You play blackjack."
     with pytest.raises(ValueError, match="share_prefix=False"):
         shared.act((12, 2, False))
+
+
+def test_agent_train_on_a_mesh_and_in_bf16(tiny):
+    """``agent.train(mesh=...)`` runs the launcher's sharded loop (here on this process's one
+    device): the same updates as without a mesh, within float32 summation order (1e-6);
+    ``precision="bf16"`` trains with bfloat16 compute and keeps the LLM's frozen weights in
+    bfloat16 from then on."""
+
+    def trained(**kw):
+        agent = ScoringBlackjackAgent(tiny(), algorithm="ppo", batch_size=2, trainable="lora")
+        history = agent.train("Blackjack-v1", num_steps=8, num_envs=2, **kw)
+        return agent, history
+
+    plain, _ = trained()
+    meshed, history = trained(mesh="data:1")
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+    for a, b in zip(jax.tree.leaves(plain.state.trainable), jax.tree.leaves(meshed.state.trainable),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"mesh spec 'data:2' asks for .* = 2 devices, but there are 1"
+    ):
+        trained(mesh="data:2")
+    half, history = trained(precision="bf16")
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert half.precision == "bf16"
+    frozen = [x for x in jax.tree.leaves(half.state.frozen) if x.ndim >= 2]
+    assert frozen and all(x.dtype == jax.numpy.bfloat16 for x in frozen)
