@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=9.0",
+            "pytest-xdist>=3.8",
             "torch==2.13.0",
             "rlax>=0.1.9",
             "ruff>=0.17",

@@ -22,6 +22,22 @@ SMALL_RUN = dict(
 )  # fmt: skip
 
 
+# The modules that take longest (minutes of launcher subprocesses and compiles), collected
+# first: under ``pytest -n 2 --dist loadfile`` (the README's test command) the two workers
+# then start on them and the short modules fill in behind, instead of one long module
+# running alone at the end.
+LONGEST_FIRST = (
+    "test_launcher_mesh.py", "test_spine.py", "test_sharding.py", "test_gpu_suite.py",
+    "test_notebooks.py", "test_experiment.py", "test_first_hour.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda it: (rank.get(it.path.name, len(rank)), order[id(it)]))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
     """Drops every compiled program after each test module. Each XLA CPU executable holds
