@@ -19,7 +19,7 @@ from rllama_jax.distributed.mesh import (
     maybe_initialize_distributed,
     parse_mesh_spec,
 )
-from rllama_jax.distributed.placement import Placement  # noqa: E402 (uses sharded)
+from rllama_jax.distributed.placement import Placement
 from rllama_jax.distributed.precision import PRECISIONS, apply_precision, compute_config
 from rllama_jax.distributed.rules import RULES, batch_spec, param_spec, state_spec
 from rllama_jax.distributed.sharded import (

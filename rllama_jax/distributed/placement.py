@@ -30,14 +30,14 @@ from jax.sharding import Mesh
 
 from rllama_jax.distributed.mesh import BATCH_AXES, make_mesh
 from rllama_jax.distributed.precision import check_precision
-from rllama_jax.distributed.rules import state_spec
 from rllama_jax.distributed.sharded import (
     ShardedFunction,
     make_sharded_act,
     make_sharded_train_step,
+    place,
     shard_batch,
     shard_train_state,
-    tree_shardings,
+    state_part_shardings,
 )
 from rllama_jax.models import LlamaConfig
 from rllama_jax.train import TrainConfig, TrainState
@@ -136,12 +136,10 @@ class Placement:
     def memory(self, memory: Any) -> Any:
         """A ``MemoryState`` placed as it is inside a train state (working memory's
         environments split by rows, the episodic store replicated)."""
-        sizes = dict(self.mesh.shape)
-        shardings = tree_shardings(
-            memory, self.mesh,
-            lambda p, s: state_spec(p, s, sizes, self.model_config.head_dim), prefix=("memory",),
-        )  # fmt: skip
-        return jax.device_put(memory, shardings)
+        return place(
+            memory,
+            state_part_shardings(memory, "memory", self.mesh, self.model_config.head_dim),
+        )
 
     def train_step(self, config: TrainConfig) -> ShardedFunction:
         """The sharded ``train_step(state, trajectory)`` (state donated)."""
@@ -171,6 +169,6 @@ def _local_rows(x: Any) -> Any:
     for shard in x.addressable_shards:
         start = (shard.index[0].start or 0) if x.ndim else 0
         shards.setdefault(start, np.asarray(shard.data))
-    if x.ndim == 0 or len(shards) == 1 and next(iter(shards.values())).shape == x.shape:
+    if x.ndim == 0 or (len(shards) == 1 and next(iter(shards.values())).shape == x.shape):
         return next(iter(shards.values()))
     return np.concatenate([shards[k] for k in sorted(shards)], axis=0)

@@ -56,6 +56,15 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def state_part_shardings(tree: Any, name: str, mesh: Mesh, head_dim: int = 1) -> Any:
+    """Shardings of one part of a ``TrainState`` given alone (``name``: its field, e.g.
+    ``"memory"``), as that part is placed inside the state (``rules.state_spec``)."""
+    sizes = dict(mesh.shape)
+    return tree_shardings(
+        tree, mesh, lambda p, s: state_spec(p, s, sizes, head_dim), prefix=(name,)
+    )
+
+
 def param_shardings(params: Params, mesh: Mesh, head_dim: int = 1) -> Params:
     """Shardings of a parameter tree (Llama, LoRA adapters, heads, latent adapter)."""
     sizes = dict(mesh.shape)
@@ -267,7 +276,6 @@ def make_sharded_act(
     from rllama_jax.rollout import act
 
     cfg = compute_config(model_config, precision)
-    sizes = dict(mesh.shape)
     replicated = NamedSharding(mesh, P())
 
     def fn(trainable, frozen, memory, obs, insert_at, key, update=0):
@@ -279,15 +287,10 @@ def make_sharded_act(
     def arg_shardings(args: tuple[Any, ...]) -> tuple[Any, ...]:
         trainable, frozen, memory, obs, insert_at = args[:5]
 
-        def in_state(tree: Any, name: str) -> Any:
-            return tree_shardings(
-                tree, mesh, lambda p, s: state_spec(p, s, sizes, cfg.head_dim), prefix=(name,)
-            )
-
         return (
-            in_state(trainable, "trainable"),
-            in_state(frozen, "frozen"),
-            in_state(memory, "memory"),
+            state_part_shardings(trainable, "trainable", mesh, cfg.head_dim),
+            state_part_shardings(frozen, "frozen", mesh, cfg.head_dim),
+            state_part_shardings(memory, "memory", mesh, cfg.head_dim),
             batch_shardings(obs, mesh),
             batch_shardings(insert_at, mesh),
             *(replicated for _ in args[5:]),

@@ -154,6 +154,7 @@ def run_experiment(
         except ValueError as err:
             raise RunError(f"--mesh={cfg.mesh}: {err}") from None
     lead = jax.process_index() == 0  # writes metrics, plots, summary; prints
+    multi = placement is not None and placement.processes > 1  # several processes
     if not lead:
         log = lambda *_: None  # noqa: E731
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -165,7 +166,7 @@ def run_experiment(
     # --total_steps starts from the features it saved (they depend on the frozen LLM only).
     # Features are cached per process: a multi-process run goes without.
     features = None
-    if placement is None or placement.processes == 1:
+    if not multi:
         features = feature_cache(cfg, tcfg, cfg.workdir if resuming else None)
     local_envs = cfg.num_envs if placement is None else placement.local_rows(cfg.num_envs)
     rollout = Rollout(
@@ -209,7 +210,7 @@ def run_experiment(
 
     def host_snapshot(update: int) -> dict[str, Any]:
         snapshot: Any = rollout_host_state(rollout)
-        if placement is not None and placement.processes > 1:  # one per process, in order
+        if multi:  # one per process, in order
             snapshot = [json.loads(t) for t in placement.gather_text(json.dumps(snapshot))]
         return {"update": update, "env_steps": env_steps, "seconds": elapsed,
                 "rollout": snapshot}  # fmt: skip
@@ -224,7 +225,7 @@ def run_experiment(
         """(episodes finished, mean return of the last RECENT_EPISODES), over processes
         (each process's last RECENT_EPISODES / processes episodes)."""
         stats = rollout.episodes
-        if placement is None or placement.processes == 1:
+        if not multi:
             return stats.count, stats.mean(RECENT_EPISODES) if stats.count else float("nan")
         last = list(stats.recent)[-(-RECENT_EPISODES // placement.processes) :]
         rows = placement.gather(np.asarray([[stats.count, len(last), sum(last)]], np.float64))
@@ -253,7 +254,7 @@ def run_experiment(
         env_steps += cfg.steps_per_batch
         episodes, train_return = episode_stats()
         parse_failures = rollout.parse_failures
-        if placement is not None and placement.processes > 1:
+        if multi:
             parse_failures = int(placement.total(parse_failures))
         record: dict[str, Any] = {
             "update": rec.update,
@@ -269,7 +270,7 @@ def run_experiment(
         out_of_time = bool(cfg.max_minutes) and (
             time.monotonic() - budget_start >= 60.0 * cfg.max_minutes
         )
-        if placement is not None and placement.processes > 1:  # all stop at the same update
+        if multi:  # all stop at the same update
             out_of_time = placement.total(float(out_of_time)) > 0
         progress_state["out_of_time"] = out_of_time
         progress_state["updates"] = rec.update
@@ -327,7 +328,7 @@ def run_experiment(
                "full": "LLM trained (all weights)"}[cfg.trainable]  # fmt: skip
     plot_learning_curve(cfg.workdir, title=f"{cfg.env} / {cfg.algo} / {cfg.model}: {trained}",
                         references=cfg.preset.references)  # fmt: skip
-    if placement is not None and placement.processes > 1:
+    if multi:
         placement.barrier("summary written")
     log(result.table(cfg))
     return result
