@@ -22,6 +22,7 @@ flags.DEFINE_enum("preset", "smoke", list(PRESETS), "Which grid to run.")
 flags.DEFINE_string("out", None, "Output directory (runs, results.csv/.md, plots).")
 flags.DEFINE_list("seeds", [], "Override the preset's seeds, e.g. 0,1,2.")
 flags.DEFINE_list("envs", [], "Only these of the preset's environments, e.g. tmaze,bandit.")
+flags.DEFINE_list("settings", [], "Only these of the preset's settings, e.g. none,episodic.")
 flags.DEFINE_integer("total_steps", 0, "Override every cell's environment steps (0: preset).")
 flags.DEFINE_string("model", "", "Override every cell's model (e.g. smollm2-135m-instruct).")
 flags.DEFINE_string("mesh", "", "Run every cell on this device mesh (train.py's --mesh).")
@@ -57,7 +58,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--seeds must be integers: {FLAGS.seeds}") from err
     try:
         run_preset(FLAGS.preset, out, seeds=seeds, overrides=overrides,
-                   envs=tuple(FLAGS.envs) or None, progress=FLAGS.progress,
+                   envs=tuple(FLAGS.envs) or None, settings=tuple(FLAGS.settings) or None,
+                   progress=FLAGS.progress,
                    report_only=FLAGS.report_only)  # fmt: skip
     except ValueError as err:
         raise app.UsageError(str(err)) from None

@@ -43,11 +43,40 @@ from tests.conftest import TRAIN, launcher_flags
         (dict(algo="ppo", group_size=4), r"--group_size=4 does not apply to --algo=ppo"),
         (dict(algo="sac", epsilon_start=0.5), "does not apply to --algo=sac"),
         (dict(algo="dqn", epsilon_end=1.5), "epsilon_end must be in"),
+        (dict(memory="episodic", episodic_decay=0.0), "episodic_decay must be in"),
+        (dict(memory="episodic", episodic_decay=1.5), "episodic_decay must be in"),
     ],
 )
 def test_invalid_combinations_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(**changes).validate()
+
+
+def test_episodic_decay_makes_the_newest_of_equally_similar_entries_win():
+    """--episodic_decay reaches the memory: two entries with the same key and return,
+    written at successive train steps, tie without decay and rank newest first with it
+    (the non-stationary bandit's stale "lever A -> +1" lines lose to fresh ones)."""
+    from rllama_jax.experiment.build import load_model, memory_config
+    from rllama_jax.memory import episodic
+
+    model_config, _, tokenizer = load_model("tiny")
+    d = model_config.hidden_size
+    key = np.ones((1, d), np.float32)
+    row = lambda token: (key, np.full((1, 16), token, np.int32), np.ones((1, 16), bool),
+                         np.ones((1,), np.float32), np.ones((1,), bool))  # fmt: skip
+    for decay, expected in ((1.0, 0.0), (0.5, 0.15)):
+        cfg = ExperimentConfig(model="tiny", memory="episodic", episodic_decay=decay)
+        mcfg = memory_config(cfg, model_config, tokenizer).episodic
+        assert mcfg.decay == decay
+        mem = episodic.write(episodic.init(mcfg), mcfg, *row(1))  # the stale entry
+        mem = episodic.write(mem, mcfg, *row(2))  # the fresh one, one train step later
+        got = episodic.retrieve(mem, mcfg, key)
+        scores = np.asarray(got.scores[0])
+        # 0.7 * cos + 0.3 * importance / max: 1.0 for the fresh entry, 1 - 0.3 * (1 - decay)
+        # for the stale one.
+        np.testing.assert_allclose(scores[0] - scores[1], expected, atol=1e-6)
+        if decay < 1:
+            assert int(got.tokens[0, 0, 0]) == 2
 
 
 def test_every_algorithm_takes_the_default_flags():
@@ -144,6 +173,11 @@ def test_smoke_ablation_writes_reports_and_resumes(tmp_path):
     assert f"| {rows[0]['setting']} |" not in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="no finished cell"):
         run_preset("smoke", str(tmp_path / "empty"), log=lambda *_: None, report_only=True)
+    # --settings keeps only the named settings' cells; an unknown one is refused by name.
+    only = run_preset("smoke", out, log=lambda *_: None, report_only=True, settings=("dqn",))
+    assert [r["setting"] for r in only] == ["dqn"] * len(preset.seeds)
+    with pytest.raises(ValueError, match=r"no settings \['nope'\]"):
+        run_preset("smoke", out, log=lambda *_: None, settings=("nope",))
 
 
 def test_max_minutes_stops_after_the_update_that_spends_it_and_resume_goes_on(tmp_path):

@@ -46,7 +46,11 @@ PRESETS: dict[str, Preset] = {
             "tmaze": dict(env="tmaze", total_steps=4096),
             "tmaze-long": dict(env="tmaze-long", total_steps=8192, working_window=10),
             "bandit": dict(env="bandit", total_steps=4096, steps_per_update=4),
-            "bandit-shifting": dict(env="bandit-shifting", total_steps=8192, steps_per_update=4),
+            # Recency: entries lose half their importance at each train step, so fresh
+            # "lever -> +1" lines outrank those of the previous mapping still in memory.
+            "bandit-shifting": dict(
+                env="bandit-shifting", total_steps=8192, steps_per_update=4, episodic_decay=0.5
+            ),
             "blackjack": dict(env="blackjack", total_steps=8192, gamma=1.0),
         },
         settings={
@@ -54,6 +58,8 @@ PRESETS: dict[str, Preset] = {
             "working": dict(memory="working"),
             "episodic": dict(memory="episodic"),
             "both": dict(memory="both"),
+            # Episodic memory read as soft-prompt vectors (keys, actions and returns).
+            "episodic-latent": dict(memory="episodic", memory_mode="latent"),
             # The baseline LlamaGym/BALROG agents use: the episode's last 10 turns as chat.
             "history": dict(memory="none", history=10, prompt_len=768),
         },
@@ -124,6 +130,7 @@ def run_preset(
     seeds: tuple[int, ...] | None = None,
     overrides: dict[str, Any] | None = None,
     envs: tuple[str, ...] | None = None,
+    settings: tuple[str, ...] | None = None,
     progress: bool = False,
     log: Any = print,
     report_only: bool = False,
@@ -131,13 +138,21 @@ def run_preset(
     """Runs (or resumes) every cell of preset ``name`` under ``out``; returns the rows.
 
     envs: only these of the preset's environments (default: all).
+    settings: only these of the preset's settings (default: all).
     report_only: run nothing; summarise the cells already finished under ``out``."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     unknown = sorted(set(envs or ()) - set(PRESETS[name].envs))
     if unknown:
         raise ValueError(f"preset {name!r} has no environments {unknown}")
-    grid = [c for c in cells(PRESETS[name], seeds) if not envs or c[0] in envs]
+    unknown = sorted(set(settings or ()) - set(PRESETS[name].settings))
+    if unknown:
+        raise ValueError(f"preset {name!r} has no settings {unknown}")
+    grid = [
+        c
+        for c in cells(PRESETS[name], seeds)
+        if (not envs or c[0] in envs) and (not settings or c[1] in settings)
+    ]
     if overrides:
         grid = [(e, s, seed, c.replace(**overrides)) for e, s, seed, c in grid]
         for *_, c in grid:

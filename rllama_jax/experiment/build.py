@@ -49,7 +49,7 @@ def memory_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: A
         representation=cfg.memory_mode,
         episodic=EpisodicConfig(
             capacity=cfg.episodic_capacity, key_dim=d, max_tokens=cfg.memory_tokens,
-            k=cfg.episodic_k, control=cfg.episodic_control,
+            k=cfg.episodic_k, control=cfg.episodic_control, decay=cfg.episodic_decay,
         ),
         working=WorkingConfig(window=cfg.working_window, max_tokens=cfg.memory_tokens, key_dim=d),
         latent=latent,

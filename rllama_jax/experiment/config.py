@@ -134,6 +134,12 @@ class ExperimentConfig:
         "(kernel-weighted returns of the nearest past steps that took it) to the policy's "
         "logits; 0: off.",
     )
+    episodic_decay: float = _field(
+        1.0,
+        "Recency of episodic retrieval: stored importances are multiplied by this at every "
+        "memory write (once per train step), so among equally similar entries the newest rank "
+        "first; 1: no decay.",
+    )
     working_window: int = _field(3, "Recent steps kept in working memory.")
     memory_tokens: int = _field(16, "Tokens per memory entry (text mode).")
     latent_slots: int = _field(4, "Soft-prompt vectors (memory_mode=latent).")
@@ -332,6 +338,8 @@ class ExperimentConfig:
         if self.memory_mode == "latent" and self.memory == "none":
             raise ValueError("--memory_mode=latent needs a memory: set --memory to working/"
                              "episodic/both")  # fmt: skip
+        if not 0 < self.episodic_decay <= 1:
+            raise ValueError(f"--episodic_decay must be in (0, 1], got {self.episodic_decay}")
         if self.episodic_control < 0:
             raise ValueError(f"--episodic_control must be >= 0, got {self.episodic_control}")
         if self.episodic_control and (
