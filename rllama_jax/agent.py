@@ -333,20 +333,27 @@ class RLlamaAgent:
         return obs, cands
 
     # ------------------------------------------------------------------ acting
-    def act_batch(self, observations: list[Any]) -> list[Any]:
+    def act_batch(self, observations: list[Any], greedy: bool = False) -> list[Any]:
         """One batched policy call for several observations; returns their env actions.
 
-        Turns are recorded only by ``act`` (the single-env training API)."""
-        actions, _, _ = self._act(observations)
+        greedy: the most likely candidate (score mode) or a temperature-0 reply (generate
+        mode) instead of a sample, e.g. to evaluate. Turns are recorded only by ``act`` (the
+        single-env training API)."""
+        actions, _, _ = self._act(observations, greedy=greedy)
         return actions
 
-    def _act(self, observations: list[Any], histories: list[list[Any]] | None = None):
+    def _act(
+        self,
+        observations: list[Any],
+        histories: list[list[Any]] | None = None,
+        greedy: bool = False,
+    ):
         obs, cands = self._encode(observations, histories)
         self._key, sub = jax.random.split(self._key)
         insert_at = np.full(len(observations), self._insert_at, np.int32)
         out = act(
             self.state.trainable, self.state.frozen, self._memory_for(len(observations)),
-            obs, insert_at, sub, self.model_config, self.train_config, False, self.state.step,
+            obs, insert_at, sub, self.model_config, self.train_config, greedy, self.state.step,
         )  # fmt: skip
         if self.train_config.action_mode == "score":
             idx = [int(a) for a in np.asarray(out.actions)]

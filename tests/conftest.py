@@ -28,7 +28,7 @@ SMALL_RUN = dict(
 # running alone at the end.
 LONGEST_FIRST = (
     "test_launcher_mesh.py", "test_spine.py", "test_sharding.py", "test_gpu_suite.py",
-    "test_notebooks.py", "test_experiment.py", "test_first_hour.py",
+    "test_notebooks.py", "test_experiment.py", "test_first_hour.py", "test_blackjack_generate.py",
 )  # fmt: skip
 
 

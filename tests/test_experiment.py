@@ -62,8 +62,11 @@ def test_episodic_decay_makes_the_newest_of_equally_similar_entries_win():
     model_config, _, tokenizer = load_model("tiny")
     d = model_config.hidden_size
     key = np.ones((1, d), np.float32)
-    row = lambda token: (key, np.full((1, 16), token, np.int32), np.ones((1, 16), bool),
-                         np.ones((1,), np.float32), np.ones((1,), bool))  # fmt: skip
+
+    def row(token: int):  # one +1 entry whose rendering is `token` repeated
+        ones = np.ones((1,), np.float32)
+        return key, np.full((1, 16), token, np.int32), np.ones((1, 16), bool), ones, ones > 0
+
     for decay, expected in ((1.0, 0.0), (0.5, 0.15)):
         cfg = ExperimentConfig(model="tiny", memory="episodic", episodic_decay=decay)
         mcfg = memory_config(cfg, model_config, tokenizer).episodic
