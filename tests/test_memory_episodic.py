@@ -384,3 +384,54 @@ def test_action_values_kernel_weighted_returns_per_action():
     # An empty memory has no opinion.
     values, weights = episodic.action_values(init(cfg), cfg, np.ones((2, 2), np.float32), 3)
     assert not np.asarray(values).any() and not np.asarray(weights).any()
+
+
+def _write_rows(cfg, mem, keys, returns, first_token):
+    """Writes one call's rows (entry i's tokens are ``first_token + i``)."""
+    n = len(returns)
+    tokens = np.arange(first_token, first_token + n, dtype=np.int32)[:, None].repeat(
+        cfg.max_tokens, axis=1
+    )
+    return episodic.write(mem, cfg, jnp.asarray(keys, jnp.float32), jnp.asarray(tokens),
+                          jnp.ones(tokens.shape, bool), jnp.asarray(returns, jnp.float32),
+                          jnp.ones(n, bool))  # fmt: skip
+
+
+def test_centred_keys_separate_what_a_shared_direction_hides():
+    """Keys of two situations that share a large common direction (raw cosine 0.995, as
+    SmolLM2's hidden states do): raw, another situation's +1 entry outranks this situation's
+    own 0 entry (0.7*0.995 + 0.3 > 0.7); centred, the cosine between the two situations is
+    -1 and this situation's entry comes first."""
+    common = np.array([10.0, 0.0, 0.0, 0.0], np.float32)
+    a = common + np.array([0.0, 0.5, 0.0, 0.0], np.float32)
+    b = common + np.array([0.0, -0.5, 0.0, 0.0], np.float32)
+    cfg = RETRIEVE.replace(k=1, capacity=4)
+    mem = _write_rows(cfg, init(cfg), [a, b], [0.0, 1.0], first_token=1)
+    raw_cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert raw_cos > 0.99
+    assert int(retrieve(mem, cfg, jnp.asarray([a])).tokens[0, 0, 0]) == 2  # b's +1 entry
+    centred = cfg.replace(center_keys=True)
+    got = retrieve(mem, centred, jnp.asarray([a]))
+    assert int(got.tokens[0, 0, 0]) == 1  # a's own entry
+    score = np.asarray(episodic.scores(mem, centred, jnp.asarray([a])))[0, :2]
+    np.testing.assert_allclose(score, [0.7, -0.7 + 0.3], atol=1e-6)
+
+
+def test_recency_ranks_a_fresh_outcome_above_a_stale_success():
+    """The non-stationary bandit's case: the same situation's stale "+1" entry (written
+    first) and fresh "0" entry (written last). Without recency the stale success wins (0.7 +
+    0.3 > 0.7); with w_rec = 0.5 the fresh entry scores 0.7 + 0.5, the stale one 0.7 + 0.3 +
+    0.5 * 0 and the one between them 0.7 + 0.5 * 0.5 (recency falls linearly from the newest
+    entry to the oldest)."""
+    key = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    cfg = RETRIEVE.replace(k=3, capacity=4)
+    mem = _write_rows(cfg, init(cfg), [key], [1.0], first_token=1)  # stale success
+    mem = _write_rows(cfg, mem, [key * 2], [0.0], first_token=2)  # same direction, newer
+    mem = _write_rows(cfg, mem, [key * 3], [0.0], first_token=3)  # the newest
+    assert np.asarray(retrieve(mem, cfg, jnp.asarray([key])).tokens[0, :, 0]).tolist() == [1, 2, 3]
+    recent = cfg.replace(w_rec=0.5)
+    got = retrieve(mem, recent, jnp.asarray([key]))
+    assert np.asarray(got.tokens[0, :, 0]).tolist() == [3, 1, 2]
+    np.testing.assert_allclose(np.asarray(got.scores[0]), [1.2, 1.0, 0.95], atol=1e-6)
+    with pytest.raises(ValueError, match="w_rec"):
+        cfg.replace(w_rec=-1.0)

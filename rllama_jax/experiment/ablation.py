@@ -46,11 +46,13 @@ PRESETS: dict[str, Preset] = {
             "tmaze": dict(env="tmaze", total_steps=4096),
             "tmaze-long": dict(env="tmaze-long", total_steps=8192, working_window=10),
             "bandit": dict(env="bandit", total_steps=4096, steps_per_update=4),
-            # Recency: entries lose half their importance at each train step, so fresh
-            # "lever -> +1" lines outrank those of the previous mapping still in memory.
+            # Retrieval for a world that changes: keys compared mean-centred (so the same
+            # situation's entries come first) and recency weighted like similarity (so this
+            # mapping's outcomes outrank the previous mapping's successes still in memory).
             "bandit-shifting": dict(
-                env="bandit-shifting", total_steps=8192, steps_per_update=4, episodic_decay=0.5
-            ),
+                env="bandit-shifting", total_steps=8192, steps_per_update=4,
+                episodic_center=True, episodic_recency=1.0,
+            ),  # fmt: skip
             "blackjack": dict(env="blackjack", total_steps=8192, gamma=1.0),
         },
         settings={

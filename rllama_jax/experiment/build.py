@@ -50,6 +50,7 @@ def memory_config(cfg: ExperimentConfig, model_config: LlamaConfig, tokenizer: A
         episodic=EpisodicConfig(
             capacity=cfg.episodic_capacity, key_dim=d, max_tokens=cfg.memory_tokens,
             k=cfg.episodic_k, control=cfg.episodic_control, decay=cfg.episodic_decay,
+            w_rec=cfg.episodic_recency, center_keys=cfg.episodic_center,
         ),
         working=WorkingConfig(window=cfg.working_window, max_tokens=cfg.memory_tokens, key_dim=d),
         latent=latent,

@@ -140,6 +140,16 @@ class ExperimentConfig:
         "memory write (once per train step), so among equally similar entries the newest rank "
         "first; 1: no decay.",
     )
+    episodic_recency: float = _field(
+        0.0,
+        "Weight of recency in episodic retrieval (1 for the newest entry, 0 for the oldest), "
+        "added to 0.7 cosine + 0.3 importance.",
+    )
+    episodic_center: bool = _field(
+        False,
+        "Episodic retrieval compares mean-centred keys: an LLM's hidden states of different "
+        "observations share most of their direction (raw cosine ~0.99).",
+    )
     working_window: int = _field(3, "Recent steps kept in working memory.")
     memory_tokens: int = _field(16, "Tokens per memory entry (text mode).")
     latent_slots: int = _field(4, "Soft-prompt vectors (memory_mode=latent).")
@@ -340,6 +350,8 @@ class ExperimentConfig:
                              "episodic/both")  # fmt: skip
         if not 0 < self.episodic_decay <= 1:
             raise ValueError(f"--episodic_decay must be in (0, 1], got {self.episodic_decay}")
+        if self.episodic_recency < 0:
+            raise ValueError(f"--episodic_recency must be >= 0, got {self.episodic_recency}")
         if self.episodic_control < 0:
             raise ValueError(f"--episodic_control must be >= 0, got {self.episodic_control}")
         if self.episodic_control and (

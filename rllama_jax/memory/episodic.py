@@ -22,11 +22,19 @@ Conventions (decided here, relied on by the tests):
   only the *last* ``capacity`` of them (in row order) are stored; they replace every slot.
 * **Timestamps** -- the ``i``-th row stored by a call gets ``counter + i``; ``counter`` then grows
   by the number of rows stored, so a larger timestamp always means a newer entry.
-* **Retrieval score** -- ``w_sim * cosine(query, key) + w_imp * importance`` (the design's
-  ``0.7*cos + 0.3*importance``) with importance divided by the largest valid importance
-  (``normalize_importance``, the default), so its share is at most ``w_imp`` whatever the
-  scale of the returns (raw TextWorld scores of 10+ would otherwise swamp the cosine term);
-  ``normalize_importance=False`` uses the raw ``|return|``.
+* **Retrieval score** -- ``w_sim * cosine(query, key) + w_imp * importance + w_rec *
+  recency`` (the design's ``0.7*cos + 0.3*importance``; ``w_rec`` is 0 by default) with
+  importance divided by the largest valid importance (``normalize_importance``, the
+  default), so its share is at most ``w_imp`` whatever the scale of the returns (raw
+  TextWorld scores of 10+ would otherwise swamp the cosine term); ``normalize_importance=False``
+  uses the raw ``|return|``. Recency is 1 for the newest valid entry and falls linearly with
+  the timestamp to 0 for the oldest (1 when there is one).
+* **Centred keys** -- with ``center_keys`` the cosine is taken after subtracting the mean of
+  the valid stored keys from the query and every key. An LLM's hidden states share a large
+  common direction: SmolLM2's keys for "a red door" and "a blue box" have raw cosine
+  0.992-0.997, so 0.3 of importance outranks any similarity; centred, different situations
+  fall far apart while identical ones keep cosine 1 (with a single valid entry every
+  centred cosine is 0).
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ class EpisodicConfig:
       control_k: nearest entries (by cosine alone) that vote in ``action_values`` (at most
         ``capacity`` are used).
       control_temperature: ``tau`` of the similarity kernel ``exp((cosine - 1) / tau)``.
+      w_rec: weight of recency (1 for the newest valid entry, 0 for the oldest).
+      center_keys: cosine of mean-centred keys and queries (the mean of the valid keys).
     """
 
     capacity: int = struct.field(pytree_node=False)
@@ -75,6 +85,8 @@ class EpisodicConfig:
     control: float = struct.field(pytree_node=False, default=0.0)
     control_k: int = struct.field(pytree_node=False, default=16)
     control_temperature: float = struct.field(pytree_node=False, default=1e-3)
+    w_rec: float = struct.field(pytree_node=False, default=0.0)
+    center_keys: bool = struct.field(pytree_node=False, default=False)
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.key_dim < 1 or self.max_tokens < 1:
@@ -84,6 +96,8 @@ class EpisodicConfig:
                 f"need control >= 0 and control_temperature > 0, got control={self.control}, "
                 f"control_temperature={self.control_temperature}"
             )
+        if self.w_rec < 0:
+            raise ValueError(f"need w_rec >= 0, got {self.w_rec}")
         if self.control_k < 1:
             raise ValueError(f"need control_k >= 1, got {self.control_k}")
         if not 1 <= self.k <= self.capacity:
@@ -256,11 +270,19 @@ def scores(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) -> j
         top = jnp.max(jnp.where(mem.valid, importance, 0.0))
         importance = importance / jnp.where(top > 0, top, 1.0)
     score = config.w_sim * cosine + config.w_imp * importance[None, :]
+    if config.w_rec:
+        ts = mem.timestamps.astype(jnp.float32)
+        newest = jnp.max(jnp.where(mem.valid, ts, -jnp.inf))
+        oldest = jnp.min(jnp.where(mem.valid, ts, jnp.inf))
+        span = newest - oldest
+        recency = jnp.where(span > 0, (ts - oldest) / jnp.where(span > 0, span, 1.0), 1.0)
+        score = score + config.w_rec * recency[None, :]
     return jnp.where(mem.valid[None, :], score, -jnp.inf)
 
 
 def retrieve(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) -> Retrieved:
-    """Top-``k`` valid entries for each query by ``w_sim*cosine + w_imp*importance``.
+    """Top-``k`` valid entries for each query by ``w_sim*cosine + w_imp*importance``
+    (``+ w_rec*recency`` when set).
 
     Ties are broken by lower slot index (``lax.top_k`` is stable). When fewer than ``k`` valid
     entries (or fewer than ``k`` scoring at least ``score_threshold``) exist, the remaining
@@ -297,9 +319,13 @@ def retrieve(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) ->
 def _cosine(mem: EpisodicMemory, config: EpisodicConfig, queries: jax.Array) -> jax.Array:
     chex.assert_shape(queries, (None, config.key_dim))
     eps = 1e-8
-    q = queries.astype(jnp.float32)
+    q, k = queries.astype(jnp.float32), mem.keys
+    if config.center_keys:
+        count = jnp.maximum(jnp.sum(mem.valid), 1).astype(jnp.float32)
+        mean = jnp.sum(jnp.where(mem.valid[:, None], k, 0.0), axis=0) / count
+        q, k = q - mean, k - mean
     q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), eps)
-    k = mem.keys / jnp.maximum(jnp.linalg.norm(mem.keys, axis=-1, keepdims=True), eps)
+    k = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), eps)
     return q @ k.T
 
 
