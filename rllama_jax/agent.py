@@ -122,7 +122,9 @@ class RLlamaAgent:
     episodes_per_update: whole-episode algorithms in the single-env API: episodes per update
         (default: the algorithm's group size, else 4; at least 2).
     memory: "none" | "working" | "episodic" | "both"; episodic_capacity / episodic_k /
-        working_window / memory_tokens (tokens per remembered step) size it.
+        working_window / memory_tokens (tokens per remembered step) size it; episodic_decay,
+        episodic_recency and episodic_center shape episodic retrieval as the launcher's flags
+        of those names do (importance decay per write, a recency term, centred keys).
     memory_mode: how memory reaches the LLM: "text" (spliced into the prompt) or "latent"
         (``latent_slots`` soft-prompt vectors from a trainable adapter of width
         ``latent_dim``, spliced where the text would go and trained with the policy).
@@ -151,6 +153,9 @@ class RLlamaAgent:
         memory: str = "none",
         episodic_capacity: int = 256,
         episodic_k: int = 2,
+        episodic_decay: float = 1.0,
+        episodic_recency: float = 0.0,
+        episodic_center: bool = False,
         working_window: int = 4,
         memory_tokens: int = 24,
         memory_mode: str = "text",
@@ -203,6 +208,7 @@ class RLlamaAgent:
                 latent_slots,
                 latent_dim,
                 max_actions,
+                dict(decay=episodic_decay, w_rec=episodic_recency, center_keys=episodic_center),
             ),  # fmt: skip
             **train_kwargs,
         )
@@ -278,6 +284,7 @@ class RLlamaAgent:
         latent_slots,
         latent_dim,
         max_actions=8,
+        retrieval: dict[str, Any] | None = None,
     ) -> MemoryConfig:
         if memory_mode not in ("text", "latent"):
             raise ValueError(f"memory_mode must be 'text' or 'latent', got {memory_mode!r}")
@@ -299,7 +306,9 @@ class RLlamaAgent:
         return MemoryConfig(
             mode=mode,
             representation=memory_mode,
-            episodic=EpisodicConfig(capacity=capacity, key_dim=d, max_tokens=tokens, k=k),
+            episodic=EpisodicConfig(
+                capacity=capacity, key_dim=d, max_tokens=tokens, k=k, **(retrieval or {})
+            ),
             working=WorkingConfig(window=window, max_tokens=tokens, key_dim=d),
             latent=lcfg,
             episodic_header=enc(EPISODIC_HEADER),

@@ -203,6 +203,19 @@ def test_single_env_loop_writes_episodic_memory(tiny):
         assert -1.0 <= ret <= 1.5  # an undiscounted Blackjack return-to-go
 
 
+def test_agent_takes_the_launchers_episodic_retrieval_options(tiny):
+    """episodic_decay / episodic_recency / episodic_center reach the agent's memory as the
+    launcher's flags do; an out-of-range decay is refused in one line."""
+    agent = ScoringBlackjackAgent(
+        tiny(), trainable="heads", memory="episodic", episodic_decay=0.5, episodic_recency=1.0,
+        episodic_center=True,
+    )  # fmt: skip
+    cfg = agent.train_config.memory.episodic
+    assert (cfg.decay, cfg.w_rec, cfg.center_keys) == (0.5, 1.0, True)
+    with pytest.raises(ValueError, match=r"need 0 < decay <= 1, got 0.0"):
+        ScoringBlackjackAgent(tiny(), trainable="heads", memory="episodic", episodic_decay=0.0)
+
+
 @pytest.mark.parametrize("mode", ["generate", "score"])
 def test_agent_shares_the_system_prompt_and_acts_as_without(tiny, mode):
     """The agent runs its system prompt once per call (``prefix_len`` from

@@ -50,8 +50,11 @@ PRESETS: dict[str, Preset] = {
             # situation's entries come first) and recency weighted like similarity (so this
             # mapping's outcomes outrank the previous mapping's successes still in memory).
             "bandit-shifting": dict(
-                env="bandit-shifting", total_steps=8192, steps_per_update=4,
-                episodic_center=True, episodic_recency=1.0,
+                env="bandit-shifting",
+                total_steps=8192,
+                steps_per_update=4,
+                episodic_center=True,
+                episodic_recency=1.0,
             ),  # fmt: skip
             "blackjack": dict(env="blackjack", total_steps=8192, gamma=1.0),
         },

@@ -96,6 +96,8 @@ class EpisodicConfig:
                 f"need control >= 0 and control_temperature > 0, got control={self.control}, "
                 f"control_temperature={self.control_temperature}"
             )
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"need 0 < decay <= 1, got {self.decay}")
         if self.w_rec < 0:
             raise ValueError(f"need w_rec >= 0, got {self.w_rec}")
         if self.control_k < 1:
