@@ -69,12 +69,26 @@ class BlackjackAgent(RLlamaAgent):
         return 0 if "stay" in response.lower() else 1
 
 
-def stay_rates(agent: BlackjackAgent, samples: int) -> dict[str, dict[int, float]]:
+def act_in_batches(agent: BlackjackAgent, states: list, batch: int, greedy: bool) -> list:
+    """``agent.act_batch`` over ``states`` in calls of exactly ``batch`` rows (the last one
+    padded with copies of the first state): one compiled shape whatever the count."""
+    actions = []
+    for i in range(0, len(states), batch):
+        chunk = states[i : i + batch]
+        actions += agent.act_batch(chunk + [states[0]] * (batch - len(chunk)), greedy=greedy)[
+            : len(chunk)
+        ]
+    return actions
+
+
+def stay_rates(agent: BlackjackAgent, samples: int, batch: int) -> dict[str, dict[int, float]]:
     """Per hand total: the sampled stay rate (``samples`` replies per dealer card) and the
     fraction of dealer cards at which the greedy reply stays."""
     states = [(t, d, False) for t in TOTALS for d in DEALER_CARDS]
-    sampled = np.asarray([agent.act_batch(states * samples)]).reshape(samples, len(TOTALS), -1)
-    greedy = np.asarray(agent.act_batch(states, greedy=True)).reshape(len(TOTALS), -1)
+    sampled = np.asarray(act_in_batches(agent, states * samples, batch, greedy=False))
+    sampled = sampled.reshape(samples, len(TOTALS), -1)
+    greedy = np.asarray(act_in_batches(agent, states, batch, greedy=True))
+    greedy = greedy.reshape(len(TOTALS), -1)
     return {
         "sampled": {t: float(np.mean(sampled[:, i] == 0)) for i, t in enumerate(TOTALS)},
         "greedy": {t: float(np.mean(greedy[i] == 0)) for i, t in enumerate(TOTALS)},
@@ -83,12 +97,15 @@ def stay_rates(agent: BlackjackAgent, samples: int) -> dict[str, dict[int, float
 
 def greedy_return(agent: BlackjackAgent, episodes: int, seed: int) -> tuple[float, float]:
     """Mean and standard error of ``episodes`` greedy Blackjack-v1 hands, all played together
-    (seeds ``seed .. seed + episodes - 1``, the same at every measurement)."""
+    (seeds ``seed .. seed + episodes - 1``, the same at every measurement). Every call acts
+    on all ``episodes`` rows (finished hands repeat their last observation), so acting
+    compiles once."""
     envs = [gym.make("Blackjack-v1") for _ in range(episodes)]
     obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
     returns, live = np.zeros(episodes), list(range(episodes))
     while live:
-        actions = agent.act_batch([obs[i] for i in live], greedy=True)
+        every = agent.act_batch(obs, greedy=True)
+        actions = [every[i] for i in live]
         still = []
         for i, a in zip(live, actions, strict=True):
             obs[i], reward, terminated, truncated, _ = envs[i].step(a)
@@ -102,7 +119,7 @@ def greedy_return(agent: BlackjackAgent, episodes: int, seed: int) -> tuple[floa
 def measure(agent: BlackjackAgent, update: int, steps: int, seconds: float) -> dict[str, Any]:
     start = time.time()
     mean, se = greedy_return(agent, FLAGS.eval_episodes, 10_000 + FLAGS.seed)
-    rates = stay_rates(agent, FLAGS.probe_samples)
+    rates = stay_rates(agent, FLAGS.probe_samples, FLAGS.eval_episodes)
     row = {"update": update, "env_steps": steps, "train_seconds": seconds,
            "greedy_return": mean, "greedy_return_se": se, **rates,
            "measure_seconds": time.time() - start}  # fmt: skip
