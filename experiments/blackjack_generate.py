@@ -41,6 +41,7 @@ flags.DEFINE_integer("eval_every", 8, "Updates between measurements (0: before a
 flags.DEFINE_integer("eval_episodes", 256, "Greedy Blackjack episodes per measurement.")
 flags.DEFINE_integer("probe_samples", 4, "Sampled replies per probed state.")
 flags.DEFINE_integer("max_new_tokens", 8, "Reply length (the answer is one word).")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens (system prompt + observation: 52).")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank (q/k/v/o).")
 flags.DEFINE_float("learning_rate", 2e-4, "Learning rate of the adapters.")
 flags.DEFINE_integer("epochs", 2, "PPO epochs per update.")
@@ -137,7 +138,8 @@ def main(argv: list[str]) -> None:
     agent = BlackjackAgent(
         load_pretrained(FLAGS.model, seed=FLAGS.seed), algorithm="ppo", action_mode="generate",
         batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
-        lora_rank=FLAGS.lora_rank, lora_alpha=2.0 * FLAGS.lora_rank, prompt_len=128,
+        lora_rank=FLAGS.lora_rank, lora_alpha=2.0 * FLAGS.lora_rank,
+        prompt_len=FLAGS.prompt_len,
         learning_rate=FLAGS.learning_rate, epochs=FLAGS.epochs, minibatches=FLAGS.minibatches,
         seed=FLAGS.seed,
     )  # fmt: skip
